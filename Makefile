@@ -1,0 +1,25 @@
+# Each target bootstraps .venv when setup.cfg is newer than the last install.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: run test bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# compat mode puts the checkout itself on sys.path, so twistd finds
+	# twisted/plugins/gateway_plugin.py without a copy in site-packages.
+	$(VENV)/bin/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p var
+	$(VENV)/bin/twistd --nodaemon --pidfile= gateway $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

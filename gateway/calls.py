@@ -1,0 +1,376 @@
+"""Leg and call state machines: normalised events in, CRM-neutral effects out (no I/O).
+
+A leg is one ring of one extension, queue or IVR; a call is every leg sharing the PBX's
+call key.  The machines accept every input in every state and never raise on PBX data:
+out-of-order, missing and repeated events are normal.  Time only enters through the
+events themselves (``Event.received``) and through ``Call.expire``, which the engine
+calls when the call's due time has passed, so the same events always give the same
+effects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import attrs
+from automat import MethodicalMachine
+
+from gateway.model import CLOSE_POPUP, POPUP, RECORD, Event, digits
+
+PHONE, QUEUE, IVR = "phone", "queue", "ivr"
+INCOMING, OUTGOING, INTERNAL = "incoming", "outgoing", "internal"
+
+
+@attrs.frozen
+class Policy:
+    """The per-tenant choices the call model depends on."""
+
+    numbers: frozenset[str] = frozenset()  # virtual-number filter; empty: every DID
+    internal_calls: bool = False
+    grace: float = 3.0
+    queues: frozenset[str] = frozenset()
+    ivrs: frozenset[str] = frozenset()
+    # A call with a leg that never hung up is closed after this long.
+    max_open: float = 4 * 3600.0
+    # A number of at most this many digits (or with the PBX's ``prefix*`` form) is one of
+    # the tenant's own extensions, not an outside party.  [I]
+    extension_digits: int = 5
+
+    def is_extension(self, number: str) -> bool:
+        return "*" in number or 0 < len(digits(number)) <= self.extension_digits
+
+
+@attrs.frozen
+class Effect:
+    """One action for the CRM, before it has a tenant, a time and an outbox id."""
+
+    kind: str
+    key: str
+    leg: str
+    payload: dict[str, Any]
+
+
+class Leg:
+    """One ring of one extension: new → ringing → talking → ended (or ringing → ended)."""
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, key: str, order: int) -> None:
+        self.key = key
+        self.order = order  # position in the call, for "first" and "last" with equal times
+        self.kind = PHONE
+        self.flow = ""
+        self.extension = ""
+        self.sip = ""
+        self.peer = ""
+        self.did = ""
+        self.ring_at = 0
+        self.answer_at = 0
+        self.end_at = 0
+        self.status = ""
+        self.duration = 0
+        self.recording = ""
+        self.bridged: bool | None = None
+        self.transferred = False
+        self.answered = False
+
+    @_machine.state(initial=True, serialized="new")
+    def new(self) -> None:
+        "Known only by its key."
+
+    @_machine.state(serialized="ringing")
+    def ringing(self) -> None:
+        "Ringing, not answered yet."
+
+    @_machine.state(serialized="talking")
+    def talking(self) -> None:
+        "Answered, not hung up yet."
+
+    @_machine.state(serialized="ended")
+    def ended(self) -> None:
+        "Hung up; nothing changes it any more."
+
+    @_machine.input()
+    def ring(self, ev: Event, policy: Policy) -> None:
+        "The PBX rang this leg (dial-in / dial-out)."
+
+    @_machine.input()
+    def answer(self, ev: Event, policy: Policy) -> None:
+        "The leg was answered."
+
+    @_machine.input()
+    def hangup(self, ev: Event, policy: Policy) -> None:
+        "The leg hung up."
+
+    @_machine.output()
+    def _learn(self, ev: Event, policy: Policy) -> None:
+        # Any event may be the first we see of a leg, so each one fills what is missing.
+        self.flow = self.flow or ev.flow
+        self.extension = self.extension or ev.extension
+        self.sip = self.sip or ev.sip
+        self.peer = self.peer or ev.peer
+        self.did = self.did or ev.did
+        self.transferred = self.transferred or ev.transferred
+        if ev.bridged is not None:
+            self.bridged = ev.bridged
+        if self.extension in policy.ivrs:
+            self.kind = IVR
+        elif ev.bridged is not None or self.extension in policy.queues:
+            self.kind = QUEUE
+        if ev.kind == "ring":
+            self.ring_at = self.ring_at or ev.at
+        elif ev.kind == "answer":
+            self.answer_at = self.answer_at or ev.at
+
+    @_machine.output()
+    def _rang(self, ev: Event, policy: Policy) -> str:
+        return "rang"
+
+    @_machine.output()
+    def _answered(self, ev: Event, policy: Policy) -> str:
+        self.answered = True
+        return "answered"
+
+    def _end(self, ev: Event) -> None:
+        self.end_at = ev.at
+        self.status = ev.status
+        self.duration = ev.duration
+        self.recording = ev.recording
+
+    @_machine.output()
+    def _talked(self, ev: Event, policy: Policy) -> str:
+        self._end(ev)
+        self.answered = True
+        return "talked"
+
+    @_machine.output()
+    def _unanswered(self, ev: Event, policy: Policy) -> str:
+        self._end(ev)
+        return "unanswered"
+
+    @_machine.output()
+    def _hung_up_unseen(self, ev: Event, policy: Policy) -> str:
+        # The hangup came first (its ring and answer were lost or are late): its own
+        # status is all there is to tell a talk from a miss.
+        self._end(ev)
+        if ev.status == "ANSWER":
+            self.answered = True
+            return "talked"
+        return "unseen"
+
+    new.upon(ring, enter=ringing, outputs=[_learn, _rang])
+    new.upon(answer, enter=talking, outputs=[_learn, _answered])
+    new.upon(hangup, enter=ended, outputs=[_learn, _hung_up_unseen])
+    ringing.upon(ring, enter=ringing, outputs=[_learn])
+    ringing.upon(answer, enter=talking, outputs=[_learn, _answered])
+    ringing.upon(hangup, enter=ended, outputs=[_learn, _unanswered])
+    talking.upon(ring, enter=talking, outputs=[_learn])
+    talking.upon(answer, enter=talking, outputs=[_learn])
+    talking.upon(hangup, enter=ended, outputs=[_learn, _talked])
+    ended.upon(ring, enter=ended, outputs=[_learn])
+    ended.upon(answer, enter=ended, outputs=[_learn])
+    ended.upon(hangup, enter=ended, outputs=[_learn])
+
+    @_machine.serializer()
+    def _save_state(self, state: str) -> str:
+        return state
+
+    @_machine.unserializer()
+    def _restore_state(self, state: str) -> str:
+        return state
+
+    @property
+    def state(self) -> str:
+        return self._save_state()
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state == "ended"
+
+    def direction(self, policy: Policy) -> str:
+        if self.flow == "out" and not self.transferred:
+            return INTERNAL if policy.is_extension(self.peer) else OUTGOING
+        # Incoming legs, and outgoing legs a forward created for an incoming call.
+        return INTERNAL if policy.is_extension(self.peer) else INCOMING
+
+    _FIELDS = ("key", "order", "kind", "flow", "extension", "sip", "peer", "did", "ring_at",
+               "answer_at", "end_at", "status", "duration", "recording", "bridged",
+               "transferred", "answered")
+
+    def to_state(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self._FIELDS}
+        data["state"] = self.state
+        return data
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> "Leg":
+        leg = cls(data["key"], data["order"])
+        for name in cls._FIELDS:
+            setattr(leg, name, data[name])
+        leg._restore_state(data["state"])
+        return leg
+
+
+class Call:
+    """Every leg under one call key, and the rules that turn them into CRM actions."""
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, tenant: int, key: str) -> None:
+        self.tenant = tenant
+        self.key = key
+        self.legs: dict[str, Leg] = {}
+        self.started = 0  # PBX time of the first event seen, microseconds
+        self.due = 0.0  # gateway time at which the call is final, if nothing else arrives
+
+    @_machine.state(initial=True, serialized="open")
+    def open(self) -> None:
+        "Legs may still ring, answer and hang up."
+
+    @_machine.state(serialized="final")
+    def final(self) -> None:
+        "Decided: a missed record (if any) was produced; late legs still give their records."
+
+    @_machine.input()
+    def event(self, ev: Event, policy: Policy) -> None:
+        "An event of one of this call's legs."
+
+    @_machine.input()
+    def expire(self, policy: Policy) -> None:
+        "The due time passed with no further event."
+
+    @_machine.output()
+    def _apply(self, ev: Event, policy: Policy) -> list[Effect]:
+        effects = list(self._leg_effects(ev, policy, live=True))
+        self.due = ev.received + (policy.grace if self._all_ended() else policy.max_open)
+        return effects
+
+    @_machine.output()
+    def _apply_late(self, ev: Event, policy: Policy) -> list[Effect]:
+        return list(self._leg_effects(ev, policy, live=False))
+
+    @_machine.output()
+    def _finalise(self, policy: Policy) -> list[Effect]:
+        self.due = 0.0
+        missed = self._missed(policy)
+        return [missed] if missed else []
+
+    @_machine.output()
+    def _nothing(self, policy: Policy) -> list[Effect]:
+        return []
+
+    open.upon(event, enter=open, outputs=[_apply], collector=lambda out: next(iter(out)))
+    final.upon(event, enter=final, outputs=[_apply_late], collector=lambda out: next(iter(out)))
+    open.upon(expire, enter=final, outputs=[_finalise], collector=lambda out: next(iter(out)))
+    final.upon(expire, enter=final, outputs=[_nothing], collector=lambda out: next(iter(out)))
+
+    @_machine.serializer()
+    def _save_state(self, state: str) -> str:
+        return state
+
+    @_machine.unserializer()
+    def _restore_state(self, state: str) -> str:
+        return state
+
+    @property
+    def is_final(self) -> bool:
+        return self._save_state() == "final"
+
+    def _all_ended(self) -> bool:
+        return all(leg.is_ended for leg in self.legs.values())
+
+    def _passes_filter(self, leg: Leg, direction: str, policy: Policy) -> bool:
+        if direction == INTERNAL:
+            return policy.internal_calls
+        if not policy.numbers:
+            return True
+        if direction == OUTGOING and not leg.did:
+            return True  # outgoing legs carry no DID to filter on [I]
+        return digits(leg.did) in policy.numbers
+
+    def _leg_effects(self, ev: Event, policy: Policy, live: bool) -> Iterator[Effect]:
+        self.started = min(self.started, ev.at) if self.started else ev.at
+        leg = self.legs.get(ev.leg)
+        if leg is None:
+            leg = self.legs[ev.leg] = Leg(ev.leg, len(self.legs))
+        signals = getattr(leg, ev.kind)(ev, policy)
+        if leg.kind != PHONE:
+            return  # queue and IVR legs only matter for the missed-call decision
+        direction = leg.direction(policy)
+        if not self._passes_filter(leg, direction, policy):
+            return
+        for signal in signals:
+            if signal == "rang" and live and direction == INCOMING:
+                yield Effect(POPUP, f"popup:{leg.key}", leg.key, self._popup(leg))
+            elif signal == "talked":
+                yield self._record(leg, direction, "success")
+            elif signal == "unanswered":
+                if direction == OUTGOING or direction == INTERNAL and leg.flow == "out":
+                    yield self._record(leg, direction, "missed")
+                elif direction == INCOMING and leg.ring_at:
+                    yield Effect(CLOSE_POPUP, f"close:{leg.key}", leg.key, self._popup(leg))
+            elif signal == "unseen" and leg.flow == "out" and direction != INCOMING:
+                yield self._record(leg, direction, "missed")
+
+    def _popup(self, leg: Leg) -> dict[str, Any]:
+        return {"direction": INCOMING, "client": leg.peer, "did": leg.did,
+                "extension": leg.extension, "sip": leg.sip, "at": leg.ring_at}
+
+    def _record(self, leg: Leg, direction: str, status: str, key: str | None = None,
+                started: int | None = None) -> Effect:
+        # Whole seconds, rounded to nearest; answered/missed comes from the status, never
+        # from the duration (a 0.4 s answered call is still answered).
+        seconds = round(leg.duration / 1_000_000) if status == "success" else 0
+        payload = {
+            "direction": direction, "status": status, "outcome": leg.status,
+            "duration": seconds, "client": leg.peer, "did": leg.did or self._did(),
+            "extension": leg.extension, "sip": leg.sip,
+            "started": started or leg.ring_at or leg.answer_at or leg.end_at,
+            "recording": leg.recording if status == "success" else "",
+            "record_id": f"{self.tenant}-{self.key}-{key or leg.key}",
+        }
+        return Effect(RECORD, f"record:{key or leg.key}", leg.key, payload)
+
+    def _did(self) -> str:
+        return next((leg.did for leg in self.legs.values() if leg.did), "")
+
+    def _missed(self, policy: Policy) -> Effect | None:
+        """One missed record for an incoming call that no phone answered, or None."""
+        legs = sorted(self.legs.values(), key=lambda leg: leg.order)
+        phones = [leg for leg in legs if leg.kind == PHONE]
+        if any(leg.answered for leg in phones):
+            return None
+        if any(leg.direction(policy) != INCOMING for leg in phones):
+            return None  # outgoing and internal calls have records per leg
+        decided = [leg for leg in legs if leg.kind != PHONE and leg.bridged is not None
+                   and leg.is_ended]
+        if decided:
+            # A queue's hangup beats the IVR's; of several queues the last one wins.
+            queues = [leg for leg in decided if leg.kind == QUEUE] or decided
+            winner = max(queues, key=lambda leg: (leg.end_at, leg.order))
+            if winner.bridged:
+                return None
+        elif phones and all(leg.is_ended for leg in phones):
+            winner = phones[0]  # straight to an extension: no queue, no IVR
+        else:
+            return None
+        if winner.direction(policy) != INCOMING or not winner.peer:
+            return None
+        if policy.numbers and digits(winner.did or self._did()) not in policy.numbers:
+            return None
+        effect = self._record(winner, INCOMING, "missed", key="missed", started=self.started)
+        return attrs.evolve(effect, leg="")
+
+    def to_state(self) -> dict[str, Any]:
+        return {"tenant": self.tenant, "key": self.key, "started": self.started,
+                "due": self.due, "state": self._save_state(),
+                "legs": [leg.to_state() for leg in self.legs.values()]}
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> "Call":
+        call = cls(data["tenant"], data["key"])
+        call.started = data["started"]
+        call.due = data["due"]
+        call.legs = {leg["key"]: Leg.from_state(leg) for leg in data["legs"]}
+        call._restore_state(data["state"])
+        return call

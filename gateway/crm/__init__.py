@@ -1,0 +1,1 @@
+"""One module per CRM: turn actions into that CRM's requests."""

@@ -1,0 +1,188 @@
+"""The fold: events from the log applied to call state machines; state and actions stored together."""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from gateway.calls import Call, Effect, Policy
+from gateway.model import Action, Tenant
+
+log = Logger()
+
+
+def policy_for(tenant: Tenant | None) -> Policy:
+    """The call-model choices of one tenant (defaults when the tenant is gone)."""
+    if tenant is None:
+        return Policy()
+    return Policy(numbers=frozenset(tenant.numbers),
+                  internal_calls=tenant.option("internal_calls"),
+                  grace=float(tenant.option("grace")),
+                  queues=frozenset(tenant.pbx.queues), ivrs=frozenset(tenant.pbx.ivrs))
+
+
+class Engine:
+    """Folds the event log into calls, in log order, one batch per transaction.
+
+    Open calls live in memory (and in the store); final calls are dropped from memory and
+    reloaded if a late event names them.  Each call has a due time; a single timer fires
+    ``expire`` on calls whose due time passed.  An event is only applied after any expiry
+    that was due before it arrived, so a restart re-folds to the same result.
+    """
+
+    def __init__(self, store: Any, clock: Any, tenant: Callable[[int], Tenant | None],
+                 supports: Callable[[Tenant, str, dict], bool],
+                 deliver: Callable[[list[Action], list[int]], None],
+                 batch: int = 2000) -> None:
+        self.store = store
+        self.clock = clock
+        self.tenant = tenant
+        self.supports = supports
+        self.deliver = deliver
+        self.batch = batch
+        self.cursor = 0
+        self.calls: dict[tuple[int, str], Call] = {}
+        self._timers: list[tuple[float, int, str]] = []
+        self._armed: dict[tuple[int, str], float] = {}  # one heap entry per call
+        self._timer: Any = None
+        self._running = False
+        self._again = False
+        self._idle: list[Deferred] = []
+        self.folded = 0
+
+    async def start(self) -> None:
+        self.cursor = await self.store.fold_cursor()
+        for data in await self.store.open_calls():
+            call = Call.from_state(data)
+            self.calls[(call.tenant, call.key)] = call
+            self._schedule(call)
+        await self._fold()
+        self._arm()
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def poke(self) -> None:
+        """New events were appended: fold them soon (coalesces many pokes into one fold)."""
+        if self._running:
+            self._again = True
+        else:
+            ensureDeferred(self._fold()).addErrback(
+                lambda f: log.failure("fold failed", f))
+
+    def idle(self) -> Deferred:
+        """Fires when the engine has folded everything it was poked for (tests, shutdown)."""
+        d: Deferred = Deferred()
+        if self._running:
+            self._idle.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    async def _fold(self) -> None:
+        self._running = True
+        try:
+            while True:
+                self._again = False
+                rows = await self.store.events_after(self.cursor, self.batch)
+                due = self._due_calls()
+                if rows or due:
+                    await self._fold_batch(rows, due)
+                if len(rows) < self.batch and not self._again:
+                    break
+        finally:
+            self._running = False
+            self._arm()
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def _due_calls(self) -> list[tuple[int, str]]:
+        now = self.clock.seconds()
+        due = []
+        while self._timers and self._timers[0][0] <= now:
+            _, tenant, key = heapq.heappop(self._timers)
+            self._armed.pop((tenant, key), None)
+            call = self.calls.get((tenant, key))
+            if call is None or call.is_final:
+                continue
+            if call.due <= now:
+                due.append((tenant, key))
+            else:  # a later event moved the due time on since this entry was pushed
+                self._schedule(call)
+        return due
+
+    def _schedule(self, call: Call) -> None:
+        key = (call.tenant, call.key)
+        armed = self._armed.get(key)
+        if armed is None or call.due < armed:
+            self._armed[key] = call.due
+            heapq.heappush(self._timers, (call.due, call.tenant, call.key))
+
+    async def _fold_batch(self, rows: list, due: list[tuple[int, str]]) -> None:
+        now = self.clock.seconds()
+        wanted = {(ev.tenant, ev.call) for _, ev in rows} - self.calls.keys()
+        if wanted:
+            for key, data in (await self.store.load_calls(sorted(wanted))).items():
+                self.calls[key] = Call.from_state(data)
+        touched: dict[tuple[int, str], Call] = {}
+        actions: list[Action] = []
+        stale: list[tuple[int, str, str]] = []
+
+        def emit(call: Call, effects: list[Effect], tenant: Tenant | None) -> None:
+            for effect in effects:
+                if tenant is None or not self.supports(tenant, effect.kind, effect.payload):
+                    continue
+                actions.append(Action(tenant=call.tenant, call=call.key, leg=effect.leg,
+                                      kind=effect.kind, key=effect.key,
+                                      payload=effect.payload, created=now))
+
+        for tenant_id, key in due:
+            call = self.calls[(tenant_id, key)]
+            tenant = self.tenant(tenant_id)
+            emit(call, call.expire(policy_for(tenant)), tenant)
+            touched[(tenant_id, key)] = call
+        for seq, ev in rows:
+            key = (ev.tenant, ev.call)
+            call = self.calls.get(key)
+            if call is None:
+                call = self.calls[key] = Call(ev.tenant, ev.call)
+            tenant = self.tenant(ev.tenant)
+            policy = policy_for(tenant)
+            if not call.is_final and 0 < call.due <= ev.received:
+                emit(call, call.expire(policy), tenant)
+            emit(call, call.event(ev, policy), tenant)
+            if ev.kind == "hangup":
+                # Whatever became of it, a pop-up for a leg that has hung up is stale.
+                stale.append((ev.tenant, ev.call, ev.leg))
+            touched[key] = call
+        cursor = rows[-1][0] if rows else self.cursor
+        inserted, dropped = await self.store.commit_fold(
+            cursor, [c.to_state() for c in touched.values()], actions, stale, now)
+        self.cursor = cursor
+        self.folded += len(rows)
+        for key, call in touched.items():
+            if call.is_final:
+                self.calls.pop(key, None)
+                self._armed.pop(key, None)
+            else:
+                self._schedule(call)
+        self.deliver(inserted, dropped)
+
+    def _arm(self) -> None:
+        while self._timers and (self._timers[0][1], self._timers[0][2]) not in self.calls:
+            _, tenant, key = heapq.heappop(self._timers)
+            self._armed.pop((tenant, key), None)
+        if not self._timers:
+            return
+        delay = max(0.0, self._timers[0][0] - self.clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if abs(self._timer.getTime() - (self.clock.seconds() + delay)) < 0.001:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self.poke)

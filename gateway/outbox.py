@@ -1,0 +1,289 @@
+"""The dispatcher: delivers outbox actions in order, within rate limits, with retries and dead letters."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+import attrs
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+
+from gateway.errors import Permanent, Retryable
+from gateway.model import DEAD, DONE, DROPPED, FAILED, PENDING, POPUP, Action, Attempt
+
+log = Logger()
+
+
+@attrs.define
+class TokenBucket:
+    """``rate`` requests per second with bursts of ``burst``; can be paused by a 429."""
+
+    rate: float
+    burst: int
+    tokens: float
+    stamp: float
+    paused_until: float = 0.0
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is available (0: now)."""
+        if now < self.paused_until:
+            return self.paused_until - now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self) -> None:
+        self.tokens -= 1
+
+
+@attrs.frozen
+class Policy:
+    """How hard and how long the dispatcher tries."""
+
+    max_in_flight: int = 64
+    max_age: float = 86400.0  # give up (dead letter) on an action this old
+    popup_ttl: float = 60.0  # a pop-up older than this is dropped, never shown late
+    backoff_base: float = 1.0
+    backoff_cap: float = 900.0
+    recording_tries: int = 3  # tries to resolve a recording before a record goes without it
+
+
+def backoff(policy: Policy, attempts: int, rng: random.Random) -> float:
+    """Exponential backoff with jitter (half fixed, half random) after ``attempts`` tries."""
+    delay = min(policy.backoff_cap, policy.backoff_base * 2 ** max(0, attempts - 1))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+# perform(action) → request summary and status, or raises Retryable / Permanent.
+Perform = Callable[[Action], Awaitable[tuple[str, int, str]]]
+# limits(action) → [(bucket key, rate, burst)]: every bucket must have a token.
+Limits = Callable[[Action], list[tuple[str, float, int]]]
+
+
+class Dispatcher:
+    """Delivers actions: per-call order, pop-ups first, token buckets, in-flight cap, retries.
+
+    The pending outbox is held in memory (loaded from the store at start); every outcome is
+    written back with its attempt before the next action of the same call may go.
+    """
+
+    def __init__(self, store: Any, clock: Any, perform: Perform, limits: Limits,
+                 policy: Policy = Policy(), rng: random.Random | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.perform = perform
+        self.limits = limits
+        self.policy = policy
+        self.rng = rng or random.Random()
+        self.actions: dict[int, Action] = {}
+        self._chains: dict[tuple[int, str], deque[int]] = {}
+        self._lanes: dict[tuple, list[tuple[int, int]]] = {}  # lane → heap of (priority, id)
+        self._delayed: list[tuple[float, int]] = []
+        self._buckets: dict[str, TokenBucket] = {}
+        self._flying: set[int] = set()
+        # A tenant's setup (enable) goes before anything else of that tenant: Altegio
+        # ignores events and history until it has seen it.
+        self._parked: dict[int, list[Action]] = {}
+        self._timer: Any = None
+        self._running = False
+        self.counts: dict[str, int] = {}
+
+    # Feeding
+
+    async def start(self) -> None:
+        self._running = True
+        self.add(await self.store.pending_actions())
+
+    def stop(self) -> None:
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def add(self, actions: list[Action]) -> None:
+        """New pending actions (from the fold, a restart or a re-drive)."""
+        for action in actions:
+            if action.id in self.actions:
+                continue
+            self.actions[action.id] = action
+            chain = self._chains.setdefault((action.tenant, action.call), deque())
+            # Ids grow with creation, so appending keeps a call's actions in order; a
+            # re-driven old action goes to its place.
+            if chain and chain[-1] > action.id:
+                chain.append(action.id)
+                self._chains[(action.tenant, action.call)] = deque(sorted(chain))
+            else:
+                chain.append(action.id)
+            if self._chains[(action.tenant, action.call)][0] == action.id:
+                self._ready(action)
+        self._pump()
+
+    def drop(self, ids: list[int]) -> None:
+        """Pop-ups the fold found stale (their leg ended): forget them."""
+        for action_id in ids:
+            action = self.actions.get(action_id)
+            if action is not None and action.state == PENDING and action_id not in self._flying:
+                action.state = DROPPED
+                self._count(DROPPED)
+                self._finish(action)  # it may sit in a lane or the delay heap: skipped there
+        self._pump()
+
+    def _ready(self, action: Action) -> None:
+        if action.call and (action.tenant, "") in self._chains:
+            self._parked.setdefault(action.tenant, []).append(action)
+            return
+        if action.next_at > self.clock.seconds():
+            heapq.heappush(self._delayed, (action.next_at, action.id))
+            return
+        lane = tuple(key for key, _, _ in self.limits(action))
+        heapq.heappush(self._lanes.setdefault(lane, []), (action.priority, action.id))
+
+    def _finish(self, action: Action) -> None:
+        """The action is settled: let the next one of its call go."""
+        self.actions.pop(action.id, None)
+        chain = self._chains.get((action.tenant, action.call))
+        if chain is None:
+            return
+        try:
+            chain.remove(action.id)
+        except ValueError:
+            pass
+        if not chain:
+            del self._chains[(action.tenant, action.call)]
+            if not action.call:
+                for parked in self._parked.pop(action.tenant, []):
+                    if parked.state == PENDING:
+                        self._ready(parked)
+        elif chain[0] in self.actions:
+            if chain[0] not in self._flying:
+                self._ready(self.actions[chain[0]])
+
+    # Running
+
+    def _pump(self) -> None:
+        if not self._running:
+            return
+        now = self.clock.seconds()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, action_id = heapq.heappop(self._delayed)
+            action = self.actions.get(action_id)
+            if action is not None and action.state == PENDING:
+                lane = tuple(key for key, _, _ in self.limits(action))
+                heapq.heappush(self._lanes.setdefault(lane, []), (action.priority, action.id))
+        wake = self._delayed[0][0] - now if self._delayed else None
+        # Pop-ups first across lanes, then by lane order.
+        for lane in sorted(self._lanes, key=lambda ln: self._lanes[ln][0] if self._lanes[ln]
+                           else (99, 0)):
+            heap = self._lanes[lane]
+            while heap and len(self._flying) < self.policy.max_in_flight:
+                action = self.actions.get(heap[0][1])
+                if action is None or action.state != PENDING:
+                    heapq.heappop(heap)
+                    continue
+                if action.kind == POPUP and now - action.created > self.policy.popup_ttl:
+                    heapq.heappop(heap)
+                    self._settle(action, DROPPED, None, "", "older than the pop-up TTL")
+                    continue
+                wait = self._bucket_wait(action, now)
+                if wait > 0:
+                    wake = wait if wake is None else min(wake, wait)
+                    break
+                heapq.heappop(heap)
+                self._send(action)
+            if not heap:
+                del self._lanes[lane]
+        self._arm(wake)
+
+    def _bucket_wait(self, action: Action, now: float) -> float:
+        wait = 0.0
+        specs = self.limits(action)
+        for key, rate, burst in specs:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(rate, burst, burst, now)
+            wait = max(wait, bucket.wait(now))
+        if wait == 0:
+            for key, _, _ in specs:
+                self._buckets[key].take()
+        return wait
+
+    def _arm(self, wake: float | None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if wake is not None and self._running:
+            self._timer = self.clock.callLater(max(wake, 0.001), self._pump)
+
+    def _send(self, action: Action) -> None:
+        self._flying.add(action.id)
+        ensureDeferred(self._attempt(action)).addErrback(
+            lambda f: log.failure("dispatch of action {id} failed", f, id=action.id))
+
+    async def _attempt(self, action: Action) -> None:
+        try:
+            request, status, answer = await self.perform(action)
+        except Retryable as e:
+            self._flying.discard(action.id)
+            self._retry(action, e)
+        except Permanent as e:
+            self._flying.discard(action.id)
+            self._settle(action, FAILED, e.status, e.message, e.answer)
+        except Exception as e:  # a bug in a CRM module: keep the action, retry later
+            log.failure("action {id}: unexpected error", id=action.id)
+            self._flying.discard(action.id)
+            self._retry(action, Retryable(f"internal error: {e!r}"))
+        else:
+            self._flying.discard(action.id)
+            self._settle(action, DONE, status, request, answer)
+        self._pump()
+
+    def _retry(self, action: Action, error: Retryable) -> None:
+        action.attempts += 1
+        now = self.clock.seconds()
+        if now - action.created >= self.policy.max_age:
+            self._settle(action, DEAD, error.status, error.message, error.answer,
+                         counted=True)
+            return
+        delay = backoff(self.policy, action.attempts, self.rng)
+        if error.retry_after is not None:
+            delay = max(delay, error.retry_after)
+            if error.status == 429:
+                # The whole host said "slow down", not just this request.
+                for key, _, _ in self.limits(action):
+                    bucket = self._buckets.get(key)
+                    if bucket is not None:
+                        bucket.paused_until = max(bucket.paused_until,
+                                                  now + error.retry_after)
+        action.next_at = now + delay
+        action.last_error = error.message
+        self._count("retry")
+        self.store.record_attempt(action, Attempt(
+            action=action.id, at=now, outcome="retry", status=error.status,
+            request=error.message, answer=error.answer[:500]))
+        heapq.heappush(self._delayed, (action.next_at, action.id))
+
+    def _settle(self, action: Action, state: str, status: int | None, request: str,
+                answer: str, counted: bool = False) -> None:
+        if not counted and state in (DONE, FAILED):
+            action.attempts += 1
+        action.state = state
+        if state != DONE:
+            action.last_error = request if state != DROPPED else answer
+        self._count(state)
+        self.store.record_attempt(action, Attempt(
+            action=action.id, at=self.clock.seconds(), outcome=state, status=status,
+            request=request, answer=answer[:500]))
+        self._finish(action)
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    @property
+    def depth(self) -> int:
+        return len(self.actions)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flying)

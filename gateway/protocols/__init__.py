@@ -1,0 +1,1 @@
+"""One module per PBX family: parse its webhooks, call its API."""

@@ -1,0 +1,153 @@
+"""The gateway service: owns the store, engine, dispatcher, PBX/CRM clients and both web sites."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from gateway import outbox
+from gateway.crm import altegio
+from gateway.engine import Engine
+from gateway.errors import Permanent, Retryable
+from gateway.httpclient import HttpClient
+from gateway.model import RECORD, SETUP, Action, Tenant
+from gateway.protocols.telphin import TelphinClient
+
+log = Logger()
+
+CRMS = {"altegio": altegio}
+
+
+class Gateway(MultiService):
+    """One gateway process: append → fold → outbox → dispatch, and the sites that feed it."""
+
+    def __init__(self, store: Any, reactor: Any, listen: str | None = None,
+                 admin_listen: str | None = None, admin_token: str = "",
+                 dispatch: outbox.Policy = outbox.Policy(), max_body: int = 64 * 1024,
+                 http: HttpClient | None = None, rng: random.Random | None = None) -> None:
+        super().__init__()
+        self.store = store
+        self.reactor = reactor
+        self.listen = listen
+        self.admin_listen = admin_listen
+        self.admin_token = admin_token
+        self.max_body = max_body
+        self.tenants: dict[int, Tenant] = {}
+        self.http = http or HttpClient(reactor)
+        self.telphin = TelphinClient(self.http, reactor)
+        self.engine = Engine(store, reactor, self.tenants.get, self._supports, self._deliver)
+        self.dispatcher = outbox.Dispatcher(store, reactor, self._perform, self._limits,
+                                            dispatch, rng)
+        self.ready = False
+        self.sites: list[Any] = []
+
+    # Service life cycle
+
+    def startService(self) -> None:
+        super().startService()
+        d = ensureDeferred(self.start())
+
+        def failed(f: Any) -> None:
+            log.failure("gateway failed to start", f)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addErrback(failed)
+
+    async def start(self) -> None:
+        await self.store.start()
+        for tenant in await self.store.tenants():
+            self.tenants[tenant.id] = tenant
+        await self.engine.start()
+        await self.dispatcher.start()
+        from gateway.web import admin, public
+
+        for description, resource in ((self.listen, public.PublicSite(self).resource()),
+                                      (self.admin_listen, admin.AdminSite(self).resource())):
+            if description:
+                site = Site(resource)
+                site.displayTracebacks = False
+                service = strports.service(description, site)
+                service.setServiceParent(self)
+                self.sites.append(service)
+        self.ready = True
+        log.info("gateway ready: {tenants} tenants, {pending} actions pending",
+                 tenants=len(self.tenants), pending=self.dispatcher.depth)
+
+    def stopService(self) -> Any:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        # Stop accepting first; in-flight appends finish inside the store's stop.
+        await super().stopService()
+        self.dispatcher.stop()
+        self.engine.stop()
+        await self.store.stop()
+        await self.http.close()
+
+    # Wiring between the stages
+
+    def _supports(self, tenant: Tenant, kind: str, payload: dict) -> bool:
+        return CRMS[tenant.crm.kind].supports(kind, payload)
+
+    def _deliver(self, inserted: list[Action], dropped: list[int]) -> None:
+        self.dispatcher.drop(dropped)
+        self.dispatcher.add(inserted)
+
+    def _limits(self, action: Action) -> list[tuple[str, float, int]]:
+        tenant = self.tenants.get(action.tenant)
+        if tenant is None:
+            return []
+        return CRMS[tenant.crm.kind].limits(tenant)
+
+    async def _perform(self, action: Action) -> tuple[str, int, str]:
+        tenant = self.tenants.get(action.tenant)
+        if tenant is None:
+            raise Permanent(f"tenant {action.tenant} no longer exists")
+        if tenant.deleted and action.kind != SETUP:
+            raise Permanent(f"tenant {action.tenant} was deleted")
+        link = None
+        recording = action.payload.get("recording") if action.kind == RECORD else None
+        if recording:
+            try:
+                link = await self.telphin.recording_url(tenant, recording)
+            except (Retryable, Permanent) as e:
+                if action.attempts + 1 < self.dispatcher.policy.recording_tries:
+                    raise Retryable(f"recording {recording}: {e}", e.status, e.answer,
+                                    getattr(e, "retry_after", None)) from None
+                log.warn("tenant {tenant} ({login}) call {call}: recording {recording} not "
+                         "resolved ({error}); the record goes without a link",
+                         tenant=tenant.id, login=tenant.pbx.login, call=action.call,
+                         recording=recording, error=str(e))
+        summary, resp = await CRMS[tenant.crm.kind].perform(self.http, tenant, action, link)
+        return summary + (f" link={link}" if link else ""), resp.status, resp.excerpt()
+
+    # Tenants (the admin API goes through here so the directory and the store agree)
+
+    async def save_tenant(self, tenant: Tenant, previous: Tenant | None) -> None:
+        """Store a tenant, queueing ``setup`` when its CRM integration must be (re)enabled
+        or disabled."""
+        now = self.reactor.seconds()
+        was_on = previous is not None and previous.enabled and not previous.deleted
+        is_on = tenant.enabled and not tenant.deleted
+        changed_crm = previous is not None and previous.crm != tenant.crm
+        setup = None
+        if is_on and (not was_on or changed_crm):
+            setup = "enable"
+        elif was_on and not is_on:
+            setup = "disable"
+        action = None
+        if setup:
+            action = Action(tenant=tenant.id, call="", kind=SETUP,
+                            key=f"setup:{setup}:{int(now * 1e6)}", payload={"type": setup},
+                            created=now)
+        await self.store.put_tenant_with_action(tenant, action, now)
+        self.tenants[tenant.id] = tenant
+        if action is not None:
+            self.dispatcher.add([action])

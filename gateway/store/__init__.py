@@ -1,0 +1,74 @@
+"""IStore: what the engine, dispatcher and admin API need from a database, and its URL parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import Interface
+
+
+class IStore(Interface):
+    """Durable state: tenants, the event log, call state, the outbox and its attempt log.
+
+    Every method returns a Deferred and does its database work off the reactor thread.
+    """
+
+    def start() -> Any:
+        """Open the database and apply pending schema migrations."""
+
+    def stop() -> Any:
+        """Finish queued writes and close."""
+
+    def append(events: list) -> Any:
+        """Store events (group-committed with concurrent calls); fires with, per event, its
+        log sequence number or None when the same PBX event was stored before."""
+
+    def events_after(seq: int, limit: int) -> Any:
+        """Up to ``limit`` (seq, Event) pairs after ``seq``, in log order."""
+
+    def fold_cursor() -> Any:
+        """The sequence number of the last event the engine folded."""
+
+    def load_calls(keys: list) -> Any:
+        """Stored state of the given (tenant, call key) pairs, as a dict."""
+
+    def open_calls() -> Any:
+        """State of every call that is not final (to re-arm timers after a restart)."""
+
+    def commit_fold(cursor: int, calls: list, actions: list, stale_legs: list) -> Any:
+        """In one transaction: write call states, insert actions (ignoring ones whose
+        idempotency key exists), drop pending pop-ups of ended legs, advance the cursor.
+        Fires with (inserted actions with ids, ids of dropped pop-ups)."""
+
+    def pending_actions() -> Any:
+        """Every action still to deliver, oldest first."""
+
+    def record_attempt(action: Any, attempt: Any) -> Any:
+        """Save an action's new state and one attempt (group-committed)."""
+
+    def tenants() -> Any:
+        """Every tenant, deleted ones included (their outbox may still drain)."""
+
+    def put_tenant(tenant: Any) -> Any:
+        """Insert or replace a tenant."""
+
+    def recent_calls(tenant: int, limit: int) -> Any:
+        """The tenant's latest calls, each with its actions and their attempts."""
+
+    def actions(state: str | None, tenant: int | None, limit: int) -> Any:
+        """Actions in a state, newest first, each with its attempts."""
+
+    def action(action_id: int) -> Any:
+        """One action, or None."""
+
+    def stats() -> Any:
+        """Counts for health and metrics: log head, fold cursor, actions per state."""
+
+
+def open_store(url: str, reactor: Any) -> Any:
+    """The store a ``--database`` URL names."""
+    if url.startswith("sqlite:"):
+        from gateway.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:"):], reactor)
+    raise ValueError(f"unsupported database URL {url!r}: use sqlite:PATH")

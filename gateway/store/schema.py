@@ -1,0 +1,59 @@
+"""The schema, as numbered migrations applied in order at start (``PRAGMA user_version``)."""
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema.
+    """
+    CREATE TABLE tenants (
+        id INTEGER PRIMARY KEY,
+        data TEXT NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant INTEGER NOT NULL,
+        natural_key TEXT NOT NULL,
+        data TEXT NOT NULL,
+        UNIQUE (tenant, natural_key)
+    );
+    CREATE TABLE calls (
+        tenant INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        final INTEGER NOT NULL,
+        updated REAL NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (tenant, key)
+    );
+    CREATE INDEX calls_open ON calls (final) WHERE final = 0;
+    CREATE INDEX calls_recent ON calls (tenant, updated);
+    CREATE TABLE actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant INTEGER NOT NULL,
+        call TEXT NOT NULL,
+        leg TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created REAL NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        UNIQUE (tenant, call, key)
+    );
+    CREATE INDEX actions_state ON actions (state);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        action INTEGER NOT NULL,
+        at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        status INTEGER,
+        request TEXT NOT NULL,
+        answer TEXT NOT NULL
+    );
+    CREATE INDEX attempts_action ON attempts (action);
+    CREATE TABLE cursors (
+        name TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    );
+    """,
+]

@@ -1,0 +1,380 @@
+"""The embedded store: SQLite in WAL mode, one connection on one thread, group commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from gateway.model import DROPPED, PENDING, POPUP, Action, Attempt, Event, Tenant
+from gateway.store import IStore
+from gateway.store.schema import MIGRATIONS
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class _GroupCommit:
+    """Queues items from many callers and writes them in one transaction per batch.
+
+    While one batch is being written the next one gathers, so under load a batch holds
+    whatever arrived during the previous fsync and an idle store adds no delay.
+    """
+
+    def __init__(self, store: "SQLiteStore", write: Callable[[list], list],
+                 max_items: int) -> None:
+        self._store = store
+        self._write = write
+        self._max = max_items
+        self._queue: list[tuple[list, Deferred]] = []
+        self._busy = False
+
+    def submit(self, items: list) -> Deferred:
+        d: Deferred = Deferred()
+        self._queue.append((items, d))
+        if not self._busy:
+            self._busy = True
+            self._store.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        batch: list[tuple[list, Deferred]] = []
+        count = 0
+        while self._queue and (count < self._max or not batch):
+            items, d = self._queue.pop(0)
+            batch.append((items, d))
+            count += len(items)
+        flat = [item for items, _ in batch for item in items]
+        d = self._store._run(self._write, flat)
+
+        def done(results: list) -> None:
+            pos = 0
+            for items, waiter in batch:
+                waiter.callback(results[pos:pos + len(items)])
+                pos += len(items)
+
+        def failed(f: Any) -> None:
+            for _, waiter in batch:
+                waiter.errback(f)
+
+        d.addCallbacks(done, failed)
+        d.addBoth(lambda _: self._next())
+
+    def _next(self) -> None:
+        if self._queue:
+            self._flush()
+        else:
+            self._busy = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._busy
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """IStore on a SQLite file (WAL, synchronous=FULL: a commit survives a power cut)."""
+
+    def __init__(self, path: str, reactor: Any, batch: int = 2000) -> None:
+        self.path = path
+        self.reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._appends = _GroupCommit(self, self._append_sync, batch)
+        self._attempts = _GroupCommit(self, self._attempt_sync, batch)
+
+    def _run(self, fn: Callable, *args: Any) -> Deferred:
+        return deferToThreadPool(self.reactor, self._pool, fn, *args)
+
+    # Life cycle
+
+    def start(self) -> Deferred:
+        self._pool.start()
+        return self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        if self.path != ":memory:" and os.path.dirname(self.path):
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            db.execute("BEGIN")
+            for statement in script.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={number}")
+            db.execute("COMMIT")
+        self._db = db
+
+    async def stop(self) -> None:
+        # Let queued group commits finish before the thread goes away.
+        while not (self._appends.idle and self._attempts.idle):
+            d: Deferred = Deferred()
+            self.reactor.callLater(0.01, d.callback, None)
+            await d
+        if self._db is not None:
+            await self._run(self._db.close)
+        self._pool.stop()
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    # Event log
+
+    def append(self, events: list[Event]) -> Deferred:
+        return self._appends.submit(events)
+
+    def _append_sync(self, events: list[Event]) -> list[int | None]:
+        def write(db: sqlite3.Connection) -> list[int | None]:
+            out: list[int | None] = []
+            for ev in events:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO events (tenant, natural_key, data) VALUES (?, ?, ?)",
+                    (ev.tenant, ev.natural_key, _dumps(ev.to_row())))
+                out.append(cur.lastrowid if cur.rowcount else None)
+            return out
+        return self._tx(write)
+
+    def events_after(self, seq: int, limit: int) -> Deferred:
+        def read() -> list[tuple[int, Event]]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT seq, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+            return [(s, Event.from_row(json.loads(d))) for s, d in rows]
+        return self._run(read)
+
+    def fold_cursor(self) -> Deferred:
+        def read() -> int:
+            assert self._db is not None
+            row = self._db.execute("SELECT seq FROM cursors WHERE name = 'fold'").fetchone()
+            return row[0] if row else 0
+        return self._run(read)
+
+    # Calls
+
+    def load_calls(self, keys: list[tuple[int, str]]) -> Deferred:
+        def read() -> dict[tuple[int, str], dict]:
+            assert self._db is not None
+            out = {}
+            for tenant, key in keys:
+                row = self._db.execute("SELECT data FROM calls WHERE tenant = ? AND key = ?",
+                                       (tenant, key)).fetchone()
+                if row:
+                    out[(tenant, key)] = json.loads(row[0])
+            return out
+        return self._run(read)
+
+    def open_calls(self) -> Deferred:
+        def read() -> list[dict]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT data FROM calls WHERE final = 0")
+            return [json.loads(d) for (d,) in rows]
+        return self._run(read)
+
+    def commit_fold(self, cursor: int, calls: list[dict], actions: list[Action],
+                    stale_legs: list[tuple[int, str, str]], now: float) -> Deferred:
+        def write(db: sqlite3.Connection) -> tuple[list[Action], list[int]]:
+            for data in calls:
+                db.execute(
+                    "INSERT OR REPLACE INTO calls (tenant, key, final, updated, data) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (data["tenant"], data["key"], int(data["state"] == "final"), now,
+                     _dumps(data)))
+            inserted = []
+            for a in actions:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO actions (tenant, call, leg, kind, key, payload, "
+                    "created, state, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (a.tenant, a.call, a.leg, a.kind, a.key, _dumps(a.payload), a.created,
+                     a.state, a.next_at))
+                if cur.rowcount:
+                    a.id = cur.lastrowid
+                    inserted.append(a)
+            dropped = []
+            for tenant, call, leg in stale_legs:
+                rows = db.execute(
+                    "UPDATE actions SET state = ?, last_error = 'leg ended before delivery' "
+                    "WHERE tenant = ? AND call = ? AND leg = ? AND kind = ? AND state = ? "
+                    "RETURNING id", (DROPPED, tenant, call, leg, POPUP, PENDING)).fetchall()
+                dropped.extend(r[0] for r in rows)
+            db.execute("INSERT OR REPLACE INTO cursors (name, seq) VALUES ('fold', ?)",
+                       (cursor,))
+            return inserted, dropped
+        return self._run(self._tx, write)
+
+    # Outbox
+
+    def pending_actions(self) -> Deferred:
+        def read() -> list[Action]:
+            assert self._db is not None
+            rows = self._db.execute(
+                f"SELECT {_ACTION_COLUMNS} FROM actions WHERE state = ? ORDER BY id",
+                (PENDING,))
+            return [_action(r) for r in rows]
+        return self._run(read)
+
+    def record_attempt(self, action: Action, attempt: Attempt) -> Deferred:
+        return self._attempts.submit([(action.id, action.state, action.attempts,
+                                       action.next_at, action.last_error, attempt)])
+
+    def _attempt_sync(self, items: list) -> list[None]:
+        def write(db: sqlite3.Connection) -> list[None]:
+            for action_id, state, attempts, next_at, last_error, at in items:
+                db.execute("UPDATE actions SET state = ?, attempts = ?, next_at = ?, "
+                           "last_error = ? WHERE id = ?",
+                           (state, attempts, next_at, last_error, action_id))
+                db.execute("INSERT INTO attempts (action, at, outcome, status, request, "
+                           "answer) VALUES (?, ?, ?, ?, ?, ?)",
+                           (at.action, at.at, at.outcome, at.status, at.request, at.answer))
+            return [None] * len(items)
+        return self._tx(write)
+
+    def retry(self, action_id: int, now: float) -> Deferred:
+        """Put a dead or failed action back in the queue; fires with it, or None."""
+        def write(db: sqlite3.Connection) -> Action | None:
+            db.execute("UPDATE actions SET state = ?, next_at = ?, created = ? "
+                       "WHERE id = ? AND state IN ('dead', 'failed')",
+                       (PENDING, 0.0, now, action_id))
+            row = db.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE id = ?",
+                             (action_id,)).fetchone()
+            return _action(row) if row else None
+        return self._run(self._tx, write)
+
+    # Tenants
+
+    def tenants(self) -> Deferred:
+        def read() -> list[Tenant]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT data FROM tenants ORDER BY id")
+            return [Tenant.from_json(json.loads(d)) for (d,) in rows]
+        return self._run(read)
+
+    def put_tenant(self, tenant: Tenant, now: float) -> Deferred:
+        def write(db: sqlite3.Connection) -> None:
+            data = tenant.to_json(secrets=True)
+            db.execute("INSERT OR REPLACE INTO tenants (id, data, updated) VALUES (?, ?, ?)",
+                       (tenant.id, _dumps(data), now))
+        return self._run(self._tx, write)
+
+    def put_tenant_with_action(self, tenant: Tenant, action: Action | None,
+                               now: float) -> Deferred:
+        """Save a tenant and queue its setup action in one transaction."""
+        def write(db: sqlite3.Connection) -> Action | None:
+            db.execute("INSERT OR REPLACE INTO tenants (id, data, updated) VALUES (?, ?, ?)",
+                       (tenant.id, _dumps(tenant.to_json(secrets=True)), now))
+            if action is None:
+                return None
+            cur = db.execute(
+                "INSERT INTO actions (tenant, call, leg, kind, key, payload, created, state, "
+                "next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (action.tenant, action.call, action.leg, action.kind, action.key,
+                 _dumps(action.payload), action.created, action.state, action.next_at))
+            action.id = cur.lastrowid
+            return action
+        return self._run(self._tx, write)
+
+    # Reading for operators
+
+    def _attempts_of(self, ids: list[int]) -> dict[int, list[dict]]:
+        assert self._db is not None
+        out: dict[int, list[dict]] = {i: [] for i in ids}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            rows = self._db.execute(
+                "SELECT action, at, outcome, status, request, answer FROM attempts WHERE "
+                f"action IN ({','.join('?' * len(part))}) ORDER BY id", part)
+            for action, at, outcome, status, request, answer in rows:
+                out[action].append({"at": at, "outcome": outcome, "status": status,
+                                    "request": request, "answer": answer})
+        return out
+
+    def _with_attempts(self, rows: list) -> list[dict]:
+        actions = [_action(r) for r in rows]
+        attempts = self._attempts_of([a.id for a in actions])
+        return [{**a.summary(), "attempt_log": attempts[a.id]} for a in actions]
+
+    def recent_calls(self, tenant: int, limit: int) -> Deferred:
+        def read() -> list[dict]:
+            assert self._db is not None
+            calls = self._db.execute(
+                "SELECT key, final, updated, data FROM calls WHERE tenant = ? "
+                "ORDER BY updated DESC LIMIT ?", (tenant, limit)).fetchall()
+            out = []
+            for key, final, updated, data in calls:
+                rows = self._db.execute(
+                    f"SELECT {_ACTION_COLUMNS} FROM actions WHERE tenant = ? AND call = ? "
+                    "ORDER BY id", (tenant, key)).fetchall()
+                state = json.loads(data)
+                out.append({"call": key, "final": bool(final), "updated": updated,
+                            "started": state["started"],
+                            "legs": [{k: leg[k] for k in ("key", "kind", "extension", "peer",
+                                                          "did", "state", "status")}
+                                     for leg in state["legs"]],
+                            "actions": self._with_attempts(rows)})
+            return out
+        return self._run(read)
+
+    def actions(self, state: str | None, tenant: int | None, limit: int) -> Deferred:
+        def read() -> list[dict]:
+            assert self._db is not None
+            where, args = [], []
+            if state:
+                where.append("state = ?")
+                args.append(state)
+            if tenant is not None:
+                where.append("tenant = ?")
+                args.append(tenant)
+            clause = f"WHERE {' AND '.join(where)}" if where else ""
+            rows = self._db.execute(f"SELECT {_ACTION_COLUMNS} FROM actions {clause} "
+                                    "ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+            return self._with_attempts(rows)
+        return self._run(read)
+
+    def action(self, action_id: int) -> Deferred:
+        def read() -> dict | None:
+            assert self._db is not None
+            rows = self._db.execute(f"SELECT {_ACTION_COLUMNS} FROM actions WHERE id = ?",
+                                    (action_id,)).fetchall()
+            found = self._with_attempts(rows)
+            return found[0] if found else None
+        return self._run(read)
+
+    def stats(self) -> Deferred:
+        def read() -> dict[str, Any]:
+            assert self._db is not None
+            head = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            cursor = self._db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM cursors WHERE name = 'fold'").fetchone()[0]
+            states = dict(self._db.execute(
+                "SELECT state, COUNT(*) FROM actions GROUP BY state").fetchall())
+            return {"log_head": head, "fold_cursor": cursor, "actions": states}
+        return self._run(read)
+
+
+_ACTION_COLUMNS = ("id, tenant, call, leg, kind, key, payload, created, state, attempts, "
+                   "next_at, last_error")
+
+
+def _action(row: tuple) -> Action:
+    (id_, tenant, call, leg, kind, key, payload, created, state, attempts, next_at,
+     last_error) = row
+    return Action(tenant=tenant, call=call, leg=leg, kind=kind, key=key,
+                  payload=json.loads(payload), created=created, id=id_, state=state,
+                  attempts=attempts, next_at=next_at, last_error=last_error)

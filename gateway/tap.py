@@ -1,0 +1,81 @@
+"""``twistd gateway``: the command-line options and the service they make."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from gateway import outbox
+from gateway.service import Gateway
+from gateway.store import open_store
+
+
+class Options(usage.Options):
+    """Options for ``twistd gateway``."""
+
+    synopsis = "[options]"
+    longdesc = ("Telephony integration gateway: takes PBX call events, folds them into calls "
+                "and tells each tenant's CRM (pop-ups, call history).")
+    optParameters = [
+        ["listen", None, "tcp:8080",
+         "Twisted endpoint for the public site (PBX webhooks, /healthz)."],
+        ["admin-listen", None, "tcp:8081:interface=127.0.0.1",
+         "Twisted endpoint for the admin API (keep it on localhost or a private network)."],
+        ["database", None, "sqlite:var/gateway.sqlite",
+         "Where state lives: sqlite:PATH (the embedded store)."],
+        ["admin-token-file", None, "var/admin-token",
+         "File holding the admin API bearer token; generated (and printed) if absent."],
+        ["max-age", None, 86400.0,
+         "Seconds a CRM action is retried before it is dead-lettered.", float],
+        ["popup-ttl", None, 60.0,
+         "Seconds after which an undelivered pop-up is dropped instead of shown late.",
+         float],
+        ["max-in-flight", None, 64, "Most CRM requests in flight at once.", int],
+        ["max-body", None, 65536, "Largest webhook body accepted, in bytes (413 above).",
+         int],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["database"].startswith("sqlite:"):
+            raise usage.UsageError(f"--database: unsupported URL {self['database']!r} "
+                                   "(use sqlite:PATH)")
+        for name in ("max-age", "popup-ttl", "max-in-flight", "max-body"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+
+
+def admin_token(path: str) -> str:
+    """Read the admin token, creating the file (mode 0600) on first run."""
+    if os.path.exists(path):
+        with open(path) as f:
+            token = f.read().strip()
+        if not token:
+            raise usage.UsageError(f"--admin-token-file: {path} is empty")
+        return token
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"gateway: generated the admin API token in {path}: {token}", file=sys.stderr)
+    return token
+
+
+def makeService(options: Options) -> Gateway:
+    from twisted.internet import reactor
+
+    return Gateway(
+        store=open_store(options["database"], reactor),
+        reactor=reactor,
+        listen=options["listen"],
+        admin_listen=options["admin-listen"],
+        admin_token=admin_token(options["admin-token-file"]),
+        dispatch=outbox.Policy(max_age=options["max-age"], popup_ttl=options["popup-ttl"],
+                               max_in_flight=options["max-in-flight"]),
+        max_body=options["max-body"],
+    )

@@ -1,0 +1,159 @@
+"""The admin API: tenants (secrets write-only), their calls, the outbox and re-drives."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+from typing import Any, Callable
+
+import attrs
+from klein import Klein
+from twisted.web.iweb import IRequest
+
+from gateway.errors import BadRequest
+from gateway.model import ACTION_STATES, Tenant, parse_tenant
+from gateway.web import json_response
+
+
+def _authorised(route: Callable) -> Callable:
+    @functools.wraps(route)
+    def check(self: "AdminSite", request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        given = request.getHeader(b"authorization") or b""
+        expected = f"Bearer {self.gateway.admin_token}".encode()
+        if not self.gateway.admin_token or not hmac.compare_digest(given, expected):
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="gateway"')
+            return json_response(request, {"error": "a valid bearer token is required",
+                                           "field": "Authorization"}, 401)
+        return route(self, request, *args, **kwargs)
+    return check
+
+
+def _body(request: IRequest) -> Any:
+    try:
+        return json.loads(request.content.read() or b"null")
+    except ValueError as e:
+        raise BadRequest("body", f"not JSON: {e}") from None
+
+
+def _int_arg(request: IRequest, name: str, default: int | None, top: int = 1000) -> int | None:
+    raw = request.args.get(name.encode())
+    if not raw:
+        return default
+    try:
+        value = int(raw[0])
+    except ValueError:
+        raise BadRequest(name, "must be an integer") from None
+    if not 0 < value <= top:
+        raise BadRequest(name, f"must be between 1 and {top}")
+    return value
+
+
+class AdminSite:
+    """Routes for operators; every one needs ``Authorization: Bearer <admin token>``."""
+
+    app = Klein()
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.handle_errors(BadRequest)
+    def bad_request(self, request: IRequest, failure: Any) -> bytes:
+        error = failure.value
+        return json_response(request, {"error": error.message, "field": error.field},
+                             error.status)
+
+    def _tenant(self, tenant_id: str) -> Tenant:
+        tenant = self.gateway.tenants.get(int(tenant_id)) if tenant_id.isdigit() else None
+        if tenant is None or tenant.deleted:
+            raise BadRequest("id", f"no tenant {tenant_id[:20]}", status=404)
+        return tenant
+
+    @app.route("/api/v1/tenants", methods=["POST"])
+    @_authorised
+    async def create(self, request: IRequest) -> bytes:
+        body = _body(request)
+        tenant = parse_tenant(body)
+        existing = self.gateway.tenants.get(tenant.id)
+        if existing is not None and not existing.deleted:
+            raise BadRequest("id", f"tenant {tenant.id} exists", status=409)
+        await self.gateway.save_tenant(tenant, existing)
+        out = tenant.to_json()
+        if not (isinstance(body, dict) and body.get("key")):
+            # A generated key is shown this once, so the operator can build the PBX URLs.
+            out["key"] = tenant.key
+        request.setHeader(b"Location", f"/api/v1/tenants/{tenant.id}".encode())
+        return json_response(request, out, 201)
+
+    @app.route("/api/v1/tenants", methods=["GET"])
+    @_authorised
+    def list_tenants(self, request: IRequest) -> bytes:
+        return json_response(request, [t.to_json() for t in self.gateway.tenants.values()
+                                       if not t.deleted])
+
+    @app.route("/api/v1/tenants/<tenant_id>", methods=["GET"])
+    @_authorised
+    def show(self, request: IRequest, tenant_id: str) -> bytes:
+        return json_response(request, self._tenant(tenant_id).to_json())
+
+    @app.route("/api/v1/tenants/<tenant_id>", methods=["PATCH"])
+    @_authorised
+    async def patch(self, request: IRequest, tenant_id: str) -> bytes:
+        current = self._tenant(tenant_id)
+        tenant = parse_tenant(_body(request), current)
+        await self.gateway.save_tenant(tenant, current)
+        return json_response(request, tenant.to_json())
+
+    @app.route("/api/v1/tenants/<tenant_id>", methods=["DELETE"])
+    @_authorised
+    async def delete(self, request: IRequest, tenant_id: str) -> bytes:
+        current = self._tenant(tenant_id)
+        # Kept, marked deleted: its outbox (the CRM's setup/disable first) still drains.
+        await self.gateway.save_tenant(attrs.evolve(current, deleted=True, enabled=False),
+                                       current)
+        request.setResponseCode(204)
+        return b""
+
+    @app.route("/api/v1/tenants/<tenant_id>/calls", methods=["GET"])
+    @_authorised
+    async def calls(self, request: IRequest, tenant_id: str) -> bytes:
+        tenant = self._tenant(tenant_id)
+        limit = _int_arg(request, "limit", 50)
+        return json_response(request, await self.gateway.store.recent_calls(tenant.id, limit))
+
+    @app.route("/api/v1/actions", methods=["GET"])
+    @_authorised
+    async def actions(self, request: IRequest) -> bytes:
+        state = (request.args.get(b"state") or [b""])[0].decode()
+        if state and state not in ACTION_STATES:
+            raise BadRequest("state", f"must be one of {', '.join(ACTION_STATES)}")
+        tenant = _int_arg(request, "tenant", None, top=2**62)
+        limit = _int_arg(request, "limit", 100)
+        return json_response(request, await self.gateway.store.actions(state or None, tenant,
+                                                                       limit))
+
+    @app.route("/api/v1/actions/<action_id>", methods=["GET"])
+    @_authorised
+    async def action(self, request: IRequest, action_id: str) -> bytes:
+        found = await self.gateway.store.action(int(action_id)) if action_id.isdigit() else None
+        if found is None:
+            raise BadRequest("id", f"no action {action_id[:20]}", status=404)
+        return json_response(request, found)
+
+    @app.route("/api/v1/actions/<action_id>/retry", methods=["POST"])
+    @_authorised
+    async def retry(self, request: IRequest, action_id: str) -> bytes:
+        if not action_id.isdigit():
+            raise BadRequest("id", f"no action {action_id[:20]}", status=404)
+        before = await self.gateway.store.action(int(action_id))
+        if before is None:
+            raise BadRequest("id", f"no action {action_id}", status=404)
+        if before["state"] not in ("dead", "failed"):
+            raise BadRequest("state", f"action {action_id} is {before['state']}; only dead "
+                             "or failed actions can be retried", status=409)
+        action = await self.gateway.store.retry(int(action_id), self.gateway.reactor.seconds())
+        self.gateway.dispatcher.add([action])
+        return json_response(request, action.summary())
