@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import attrs
 from automat import MethodicalMachine
 
-from gateway.model import CLOSE_POPUP, POPUP, RECORD, Event, digits
+from gateway.model import CLOSE_POPUP, POPUP, RECORD, Event, digits, e164
 
 PHONE, QUEUE, IVR = "phone", "queue", "ivr"
 INCOMING, OUTGOING, INTERNAL = "incoming", "outgoing", "internal"
@@ -286,7 +286,7 @@ class Call:
             return True
         if direction == OUTGOING and not leg.did:
             return True  # outgoing legs carry no DID to filter on [I]
-        return digits(leg.did) in policy.numbers
+        return e164(leg.did) in policy.numbers
 
     def _leg_effects(self, ev: Event, policy: Policy, live: bool) -> Iterator[Effect]:
         self.started = min(self.started, ev.at) if self.started else ev.at
@@ -325,7 +325,8 @@ class Call:
             "direction": direction, "status": status, "outcome": leg.status,
             "duration": seconds, "client": leg.peer, "did": leg.did or self._did(),
             "extension": leg.extension, "sip": leg.sip,
-            "started": started or leg.ring_at or leg.answer_at or leg.end_at,
+            # A leg seen only by its hangup started a talk time before it.
+            "started": started or leg.ring_at or leg.answer_at or leg.end_at - leg.duration,
             "recording": leg.recording if status == "success" else "",
             "record_id": f"{self.tenant}-{self.key}-{key or leg.key}",
         }
@@ -356,7 +357,7 @@ class Call:
             return None
         if winner.direction(policy) != INCOMING or not winner.peer:
             return None
-        if policy.numbers and digits(winner.did or self._did()) not in policy.numbers:
+        if policy.numbers and e164(winner.did or self._did()) not in policy.numbers:
             return None
         effect = self._record(winner, INCOMING, "missed", key="missed", started=self.started)
         return attrs.evolve(effect, leg="")

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from gateway.calls import Call, Effect, Policy
-from gateway.model import Action, Tenant
+from gateway.model import Action, Tenant, e164
 
 log = Logger()
 
@@ -18,7 +18,7 @@ def policy_for(tenant: Tenant | None) -> Policy:
     """The call-model choices of one tenant (defaults when the tenant is gone)."""
     if tenant is None:
         return Policy()
-    return Policy(numbers=frozenset(tenant.numbers),
+    return Policy(numbers=frozenset(e164(n) for n in tenant.numbers),
                   internal_calls=tenant.option("internal_calls"),
                   grace=float(tenant.option("grace")),
                   queues=frozenset(tenant.pbx.queues), ivrs=frozenset(tenant.pbx.ivrs))
@@ -52,6 +52,7 @@ class Engine:
         self._again = False
         self._idle: list[Deferred] = []
         self.folded = 0
+        self._policies: dict[int, tuple[Tenant | None, Policy]] = {}
 
     async def start(self) -> None:
         self.cursor = await self.store.fold_cursor()
@@ -145,7 +146,7 @@ class Engine:
         for tenant_id, key in due:
             call = self.calls[(tenant_id, key)]
             tenant = self.tenant(tenant_id)
-            emit(call, call.expire(policy_for(tenant)), tenant)
+            emit(call, call.expire(self._policy(tenant_id, tenant)), tenant)
             touched[(tenant_id, key)] = call
         for seq, ev in rows:
             key = (ev.tenant, ev.call)
@@ -153,7 +154,7 @@ class Engine:
             if call is None:
                 call = self.calls[key] = Call(ev.tenant, ev.call)
             tenant = self.tenant(ev.tenant)
-            policy = policy_for(tenant)
+            policy = self._policy(ev.tenant, tenant)
             if not call.is_final and 0 < call.due <= ev.received:
                 emit(call, call.expire(policy), tenant)
             emit(call, call.event(ev, policy), tenant)
@@ -173,6 +174,13 @@ class Engine:
             else:
                 self._schedule(call)
         self.deliver(inserted, dropped)
+
+    def _policy(self, tenant_id: int, tenant: Tenant | None) -> Policy:
+        """The tenant's policy, rebuilt only when the tenant object changed."""
+        cached = self._policies.get(tenant_id)
+        if cached is None or cached[0] is not tenant:
+            cached = self._policies[tenant_id] = (tenant, policy_for(tenant))
+        return cached[1]
 
     def _arm(self) -> None:
         while self._timers and (self._timers[0][1], self._timers[0][2]) not in self.calls:

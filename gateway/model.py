@@ -243,7 +243,7 @@ def _numbers(data: dict[str, Any], dotted: str) -> tuple[str, ...]:
     value = data.get(dotted.rsplit(".", 1)[-1], [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRequest(dotted, "must be a list of strings")
-    out = tuple(digits(v) for v in value)
+    out = tuple(e164(v) for v in value)
     if not all(out):
         raise BadRequest(dotted, "every entry must contain digits")
     return out
@@ -252,6 +252,14 @@ def _numbers(data: dict[str, Any], dotted: str) -> tuple[str, ...]:
 def digits(number: str) -> str:
     """A phone number as bare digits, the form numbers are compared in."""
     return "".join(ch for ch in number if ch.isdigit())
+
+
+def e164(number: str) -> str:
+    """Digits-only E.164: Russian trunk-prefixed ``8 916 …`` (11 digits) becomes ``7916…``. [I]"""
+    bare = digits(number)
+    if len(bare) == 11 and bare.startswith("8"):
+        return "7" + bare[1:]
+    return bare
 
 
 @attrs.frozen

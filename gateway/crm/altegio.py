@@ -10,12 +10,11 @@ import hyperlink
 
 from gateway.errors import Permanent, Retryable
 from gateway.httpclient import HttpClient, Response, retry_after
-from gateway.model import POPUP, RECORD, SETUP, Action, Tenant, digits
+from gateway.model import POPUP, RECORD, SETUP, Action, Tenant, e164
 
 ACCEPT = "application/vnd.api.v2+json"
 # Altegio allows 5 requests/s per source IP, whatever tenant they are for.
 RATE, BURST = 5.0, 5
-PERMANENT_STATUSES = {401, 403, 404, 422}
 
 
 def supports(kind: str, payload: dict[str, Any]) -> bool:
@@ -32,7 +31,7 @@ def limits(tenant: Tenant) -> list[tuple[str, float, int]]:
 
 def _plus(number: str) -> str:
     """Altegio's examples use +E.164; short or empty numbers pass as they are."""
-    bare = digits(number)
+    bare = e164(number)
     return f"+{bare}" if len(bare) > 6 else number
 
 

@@ -1,0 +1,205 @@
+"""The dispatcher's rules: order, priority, rate limits, retries, dead letters, stale pop-ups."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import Clock
+
+from gateway.errors import Permanent, Retryable
+from gateway.model import DEAD, DONE, DROPPED, FAILED, POPUP, RECORD, SETUP, Action, Attempt
+from gateway.outbox import Dispatcher, Policy, TokenBucket, backoff
+
+
+class MemoryStore:
+    """Just enough of IStore for the dispatcher: it remembers every attempt."""
+
+    def __init__(self, pending: list[Action] = ()) -> None:
+        self.pending = list(pending)
+        self.attempts: list[Attempt] = []
+
+    def pending_actions(self) -> Deferred:
+        return succeed(self.pending)
+
+    def record_attempt(self, action: Action, attempt: Attempt) -> Deferred:
+        self.attempts.append(attempt)
+        return succeed(None)
+
+
+class CRM:
+    """A CRM whose answers the test decides, one Deferred per request."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Action, Deferred]] = []
+
+    def perform(self, action: Action) -> Deferred:
+        d: Deferred = Deferred()
+        self.calls.append((action, d))
+        return d
+
+    def answer(self, index: int = 0, outcome: Any = None) -> None:
+        action, d = self.calls.pop(index)
+        if isinstance(outcome, Exception):
+            d.errback(outcome)
+        else:
+            d.callback(("POST /x", 202, "ok"))
+
+    @property
+    def sent(self) -> list[int]:
+        return [a.id for a, _ in self.calls]
+
+
+_ids = iter(range(1, 10**9))
+
+
+def action(kind: str = RECORD, call: str = "c1", tenant: int = 1, created: float = 0.0,
+           leg: str = "") -> Action:
+    return Action(tenant=tenant, call=call, kind=kind, key=f"{kind}:{next(_ids)}", leg=leg,
+                  payload={"direction": "incoming"}, created=created, id=next(_ids))
+
+
+def make(policy: Policy = Policy(), rate: float = 1000.0, burst: int = 1000,
+         pending: list[Action] = ()) -> tuple[Dispatcher, CRM, Clock, MemoryStore]:
+    clock, crm, store = Clock(), CRM(), MemoryStore(pending)
+    dispatcher = Dispatcher(store, clock, crm.perform, lambda a: [("host", rate, burst)],
+                            policy, random.Random(7))
+    ensureDeferred(dispatcher.start())
+    return dispatcher, crm, clock, store
+
+
+def test_actions_of_one_call_go_in_order_one_at_a_time() -> None:
+    d, crm, clock, _ = make()
+    first, second = action(), action()
+    other = action(call="c2")
+    d.add([first, second, other])
+    assert crm.sent == [first.id, other.id]
+    crm.answer(0)
+    assert crm.sent == [other.id, second.id]
+
+
+def test_popups_go_before_records_of_other_calls() -> None:
+    d, crm, clock, _ = make(Policy(max_in_flight=1))
+    record, pop = action(call="c1"), action(kind=POPUP, call="c2")
+    d.add([record])
+    d.add([action(call="c3"), pop])
+    crm.answer(0)  # the first record; of the two waiting, the pop-up goes next
+    assert crm.sent == [pop.id]
+
+
+def test_stale_popup_is_dropped_not_sent() -> None:
+    d, crm, clock, store = make(Policy(popup_ttl=60, max_in_flight=1))
+    blocker = action(call="c0")
+    d.add([blocker])
+    pop = action(kind=POPUP, call="c1", created=0.0)
+    d.add([pop])
+    clock.advance(61)
+    crm.answer(0)
+    assert crm.sent == []
+    assert [a.outcome for a in store.attempts] == [DONE, DROPPED]
+
+
+def test_popup_of_an_ended_leg_is_forgotten() -> None:
+    d, crm, clock, _ = make(Policy(max_in_flight=1))
+    d.add([action(call="c0")])
+    pop = action(kind=POPUP, call="c1", leg="S1")
+    d.add([pop])
+    d.drop([pop.id])
+    crm.answer(0)
+    assert crm.sent == [] and d.depth == 0
+
+
+def test_token_bucket_limits_the_rate_per_host() -> None:
+    d, crm, clock, _ = make(rate=5, burst=5)
+    d.add([action(call=f"c{i}") for i in range(12)])
+    assert len(crm.calls) == 5
+    for _ in range(5):
+        crm.answer(0)
+    clock.advance(0.2)
+    assert len(crm.calls) == 1
+    clock.advance(1.0)
+    assert len(crm.calls) == 6
+
+
+def test_retryable_failures_back_off_then_succeed() -> None:
+    d, crm, clock, store = make()
+    a = action()
+    d.add([a])
+    crm.answer(0, Retryable("HTTP 503", 503))
+    assert crm.calls == []
+    clock.advance(backoff(Policy(), 1, random.Random(7)) + 0.01)
+    assert crm.sent == [a.id]
+    crm.answer(0)
+    assert [x.outcome for x in store.attempts] == ["retry", DONE]
+    assert a.attempts == 2
+
+
+def test_retry_after_is_obeyed_for_the_whole_host() -> None:
+    d, crm, clock, _ = make()
+    a, b = action(call="c1"), action(call="c2")
+    d.add([a])
+    crm.answer(0, Retryable("HTTP 429", 429, retry_after=30))
+    d.add([b])
+    assert crm.calls == []  # the host asked for 30 s of quiet
+    clock.advance(30.01)
+    assert sorted(crm.sent) == sorted([a.id, b.id])
+
+
+def test_permanent_failure_is_recorded_and_the_call_moves_on() -> None:
+    d, crm, clock, store = make()
+    a, b = action(), action()
+    d.add([a, b])
+    crm.answer(0, Permanent("HTTP 422", 422, '{"errors": []}'))
+    assert a.state == FAILED and store.attempts[0].answer == '{"errors": []}'
+    assert crm.sent == [b.id]
+
+
+def test_dead_letter_after_max_age() -> None:
+    d, crm, clock, store = make(Policy(max_age=100, backoff_cap=30))
+    a = action(created=0.0)
+    d.add([a])
+    for _ in range(50):
+        if not crm.calls:
+            break
+        crm.answer(0, Retryable("refused"))
+        clock.advance(31)
+    assert a.state == DEAD and d.depth == 0
+    assert store.attempts[-1].outcome == DEAD
+
+
+def test_in_flight_cap() -> None:
+    d, crm, clock, _ = make(Policy(max_in_flight=3))
+    d.add([action(call=f"c{i}") for i in range(10)])
+    assert len(crm.calls) == 3
+    crm.answer(0)
+    assert len(crm.calls) == 3
+
+
+def test_tenant_setup_goes_before_the_tenants_calls() -> None:
+    d, crm, clock, _ = make()
+    setup = action(kind=SETUP, call="")
+    pop = action(kind=POPUP, call="c1")
+    d.add([setup, pop])
+    assert crm.sent == [setup.id]
+    crm.answer(0)
+    assert crm.sent == [pop.id]
+
+
+def test_restart_loads_pending_actions() -> None:
+    a = action()
+    d, crm, clock, _ = make(pending=[a])
+    assert crm.sent == [a.id]
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    rng = random.Random(1)
+    policy = Policy(backoff_base=1, backoff_cap=60)
+    delays = [backoff(policy, n, rng) for n in range(1, 12)]
+    assert delays[0] < 1.01 and delays[3] >= 4 and max(delays) <= 60
+
+
+def test_bucket_refills_over_time() -> None:
+    bucket = TokenBucket(rate=2, burst=2, tokens=0, stamp=0)
+    assert bucket.wait(0) == 0.5
+    assert bucket.wait(0.5) == 0
