@@ -300,7 +300,7 @@ class Call:
         if not self._passes_filter(leg, direction, policy):
             return
         for signal in signals:
-            if signal == "rang" and live and direction == INCOMING:
+            if signal == "rang" and live and direction == INCOMING and leg.flow == "in":
                 yield Effect(POPUP, f"popup:{leg.key}", leg.key, self._popup(leg))
             elif signal == "talked":
                 yield self._record(leg, direction, "success")
@@ -321,9 +321,14 @@ class Call:
         # Whole seconds, rounded to nearest; answered/missed comes from the status, never
         # from the duration (a 0.4 s answered call is still answered).
         seconds = round(leg.duration / 1_000_000) if status == "success" else 0
+        client = leg.peer
+        if leg.flow == "out" and direction == INCOMING:
+            # A forward's outgoing leg dials the forward target; the client is the caller.
+            client = next((other.peer for other in self.legs.values()
+                           if other.flow == "in" and other.peer), client)
         payload = {
             "direction": direction, "status": status, "outcome": leg.status,
-            "duration": seconds, "client": leg.peer, "did": leg.did or self._did(),
+            "duration": seconds, "client": client, "did": leg.did or self._did(),
             "extension": leg.extension, "sip": leg.sip,
             # A leg seen only by its hangup started a talk time before it.
             "started": started or leg.ring_at or leg.answer_at or leg.end_at - leg.duration,

@@ -42,7 +42,9 @@ LINKS = {"R1": "https://storage.telphin.test/R1.mp3", "R2": "https://storage.tel
 
 
 def leg(ext: str) -> str:
-    return f"2005{ext}-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+    """A SubCallID per extension; ``101/fwd`` is a second leg of extension 101."""
+    ext, _, again = ext.partition("/")
+    return f"2005{ext}-0a1b2c3d4e5f60718293a4b5c6d7e8f{'a' if again else '9'}"
 
 
 def _ext_fields(ext: str) -> dict[str, str]:
@@ -181,6 +183,17 @@ SCENARIOS: dict[str, tuple[list[tuple], list[dict], dict]] = {
     "a record with no recording at all has no link": (
         [dial_in("101", 0), answer("101", 5), hangup("101", 88.5, "ANSWER", 83.48)],
         [popup("101"), history("101", "success", 83, 0, leg("101"))],
+        {}),
+    "a call forwarded to a mobile and answered there is one incoming record, no missed": (
+        [dial_in("600", 0), dial_in("101", 1), hangup("101", 21, "NOANSWER"),
+         ("dial-out", "101/fwd", 21, {**dial_out("101", 21, "89031112233")[3],
+                                      "Transfered": "yes"}),
+         ("answer", "101/fwd", 25, {**out_answer("101", 25, "89031112233")[3],
+                                    "Transfered": "yes"}),
+         ("hangup", "101/fwd", 85, {**out_hangup("101", 85, "89031112233", "ANSWER", 60)[3],
+                                    "Transfered": "yes"}),
+         hangup("600", 85, "ANSWER", Bridged="yes")],
+        [popup("101"), history("101", "success", 60, 21, leg("101/fwd"))],
         {}),
     "SIP routing sends the SIP account as the user": (
         ANSWERED_101,
