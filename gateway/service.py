@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Site
 
 from gateway import outbox
@@ -22,6 +25,16 @@ from gateway.protocols.telphin import TelphinClient
 log = Logger()
 
 CRMS = {"altegio": altegio}
+
+# How long folded events and finished calls are kept (duplicates are recognised within it),
+# and how long delivered actions and their attempts stay readable for operators.
+EVENT_RETENTION = 7 * 86400.0
+ACTION_RETENTION = 30 * 86400.0
+
+
+def access_log(timestamp: str, request: Any) -> str:
+    """Combined log format, with tenant keys in query strings masked."""
+    return re.sub(r"([?&]key=)[^&\s\"]*", r"\1***", combinedLogFormatter(timestamp, request))
 
 
 class Gateway(MultiService):
@@ -46,6 +59,8 @@ class Gateway(MultiService):
                                             dispatch, rng)
         self.ready = False
         self.sites: list[Any] = []
+        self._pruning = LoopingCall(self._prune)
+        self._pruning.clock = reactor
 
     # Service life cycle
 
@@ -71,12 +86,14 @@ class Gateway(MultiService):
         for description, resource in ((self.listen, public.PublicSite(self).resource()),
                                       (self.admin_listen, admin.AdminSite(self).resource())):
             if description:
-                site = Site(resource)
+                site = Site(resource, logFormatter=access_log)
                 site.displayTracebacks = False
                 service = strports.service(description, site)
                 service.setServiceParent(self)
                 self.sites.append(service)
         self.ready = True
+        self._pruning.start(3600, now=True).addErrback(
+            lambda f: log.failure("pruning stopped", f))
         log.info("gateway ready: {tenants} tenants, {pending} actions pending",
                  tenants=len(self.tenants), pending=self.dispatcher.depth)
 
@@ -86,10 +103,23 @@ class Gateway(MultiService):
     async def _stop(self) -> None:
         # Stop accepting first; in-flight appends finish inside the store's stop.
         await super().stopService()
+        if self._pruning.running:
+            self._pruning.stop()
         self.dispatcher.stop()
         self.engine.stop()
         await self.store.stop()
         await self.http.close()
+
+    async def _prune(self) -> None:
+        now = self.reactor.seconds()
+        try:
+            counts = await self.store.prune(now - EVENT_RETENTION, now - ACTION_RETENTION,
+                                            self.engine.cursor)
+        except Exception:
+            log.failure("pruning old rows failed; will try again")
+            return
+        if any(counts.values()):
+            log.info("pruned old rows: {counts}", counts=counts)
 
     # Wiring between the stages
 
@@ -107,6 +137,18 @@ class Gateway(MultiService):
         return CRMS[tenant.crm.kind].limits(tenant)
 
     async def _perform(self, action: Action) -> tuple[str, int, str]:
+        try:
+            return await self._deliver_one(action)
+        except (Retryable, Permanent) as e:
+            tenant = self.tenants.get(action.tenant)
+            log.warn("tenant {tenant} ({login}) call {call}: {kind} #{id} not delivered "
+                     "(try {attempt}): {error}", tenant=action.tenant,
+                     login=tenant.pbx.login if tenant else "?", call=action.call,
+                     kind=action.kind, id=action.id, attempt=action.attempts + 1,
+                     error=str(e))
+            raise
+
+    async def _deliver_one(self, action: Action) -> tuple[str, int, str]:
         tenant = self.tenants.get(action.tenant)
         if tenant is None:
             raise Permanent(f"tenant {action.tenant} no longer exists")

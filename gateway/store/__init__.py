@@ -61,6 +61,9 @@ class IStore(Interface):
     def action(action_id: int) -> Any:
         """One action, or None."""
 
+    def prune(events_before: float, actions_before: float, cursor: int) -> Any:
+        """Delete old folded events, final calls and settled actions; fires with counts."""
+
     def stats() -> Any:
         """Counts for health and metrics: log head, fold cursor, actions per state."""
 

@@ -290,6 +290,23 @@ class SQLiteStore:
             return action
         return self._run(self._tx, write)
 
+    def prune(self, events_before: float, actions_before: float, cursor: int) -> Deferred:
+        """Delete folded events and final calls older than ``events_before``, and settled
+        actions (with their attempts) older than ``actions_before``."""
+        def write(db: sqlite3.Connection) -> dict[str, int]:
+            calls = db.execute("DELETE FROM calls WHERE final = 1 AND updated < ?",
+                               (events_before,)).rowcount
+            # Events carry their arrival time in the JSON; folded ones can go.
+            events = db.execute(
+                "DELETE FROM events WHERE seq <= ? AND json_extract(data, '$.received') < ?",
+                (cursor, events_before)).rowcount
+            db.execute("DELETE FROM attempts WHERE action IN (SELECT id FROM actions WHERE "
+                       "state != 'pending' AND created < ?)", (actions_before,))
+            actions = db.execute("DELETE FROM actions WHERE state != 'pending' AND created < ?",
+                                 (actions_before,)).rowcount
+            return {"events": events, "calls": calls, "actions": actions}
+        return self._run(self._tx, write)
+
     # Reading for operators
 
     def _attempts_of(self, ids: list[int]) -> dict[int, list[dict]]:
