@@ -284,6 +284,12 @@ class Dispatcher:
     def depth(self) -> int:
         return len(self.actions)
 
+    def oldest_age(self) -> float:
+        """Seconds the oldest undelivered action has waited (dispatch lag)."""
+        if not self.actions:
+            return 0.0
+        return max(0.0, self.clock.seconds() - min(a.created for a in self.actions.values()))
+
     @property
     def in_flight(self) -> int:
         return len(self._flying)

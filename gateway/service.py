@@ -156,7 +156,7 @@ class Gateway(MultiService):
             raise Permanent(f"tenant {action.tenant} was deleted")
         link = None
         recording = action.payload.get("recording") if action.kind == RECORD else None
-        if recording:
+        if recording and tenant.pbx.api_url and tenant.pbx.client_id:
             try:
                 link = await self.telphin.recording_url(tenant, recording)
             except (Retryable, Permanent) as e:

@@ -79,7 +79,14 @@ class PublicSite:
         tenant = self._tenant(request, tenant_id, login)
         fields = _form(request, self.gateway.max_body)
         ev = telphin.parse_event(fields, event, tenant.id, self.gateway.reactor.seconds())
-        await self.gateway.store.append([ev])
+        try:
+            await self.gateway.store.append([ev])
+        except Exception:
+            # Not stored, so not "200": the PBX may try again.
+            log.failure("tenant {tenant} ({login}) call {call}: append failed",
+                        tenant=tenant.id, login=login, call=ev.call)
+            request.setResponseCode(503)
+            return b"store unavailable, not stored\n"
         self.gateway.engine.poke()
         request.setHeader(b"Content-Type", b"text/plain")
         return b"OK"
@@ -97,6 +104,7 @@ class PublicSite:
             "fold_lag_events": stats["log_head"] - self.gateway.engine.cursor,
             "open_calls": len(self.gateway.engine.calls),
             "outbox_depth": self.gateway.dispatcher.depth,
+            "oldest_pending_seconds": self.gateway.dispatcher.oldest_age(),
             "in_flight": self.gateway.dispatcher.in_flight,
             "actions": stats["actions"],
         })
