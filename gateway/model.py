@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from typing import Any
@@ -15,6 +16,7 @@ from gateway.errors import BadRequest
 PBX_KINDS = ("telphin",)
 CRM_KINDS = ("altegio",)
 ROUTINGS = ("extension", "sip")
+MAX_ID = 2**63 - 1  # the store keeps ids as 64-bit integers
 
 # Fields an operator may write but that are never returned or logged.
 SECRET_FIELDS = ("key", "pbx.client_secret", "crm.partner_token")
@@ -111,8 +113,10 @@ def _dig(data: dict[str, Any], dotted: str) -> Any:
 def parse_tenant(body: Any, current: Tenant | None = None) -> Tenant:
     """Validate an admin API body (a whole tenant, or a patch of ``current``)."""
     if not isinstance(body, dict):
-        raise BadRequest("", "the body must be a JSON object")
-    base = current.to_json(secrets=True) if current else {}
+        raise BadRequest("body", "must be a JSON object")
+    # The current tenant as a body would spell it (lists, not tuples), so a patch is checked
+    # by the same rules as a whole tenant.
+    base = json.loads(json.dumps(current.to_json(secrets=True))) if current else {}
     base.pop("deleted", None)
     merged = _merge(base, body)
     known = {"id", "name", "enabled", "key", "pbx", "crm", "numbers", "routing", "employees",
@@ -123,7 +127,7 @@ def parse_tenant(body: Any, current: Tenant | None = None) -> Tenant:
     tid = merged.get("id")
     if current is not None and tid != current.id:
         raise BadRequest("id", "cannot be changed")
-    if not isinstance(tid, int) or isinstance(tid, bool) or tid <= 0:
+    if not isinstance(tid, int) or isinstance(tid, bool) or not 0 < tid <= MAX_ID:
         raise BadRequest("id", "required: the application serial number, a positive integer")
     name = _text(merged, "name", required=True)
     enabled = merged.get("enabled", True)

@@ -89,6 +89,8 @@ class Dispatcher:
         self._parked: dict[int, list[Action]] = {}
         self._timer: Any = None
         self._running = False
+        self._pumping = False
+        self._pump_again = False
         self.counts: dict[str, int] = {}
 
     # Feeding
@@ -163,8 +165,24 @@ class Dispatcher:
     # Running
 
     def _pump(self) -> None:
+        # An attempt can settle inside _send (a perform that fails before any I/O) and
+        # call back here; the outer pass then runs again instead of nesting.
         if not self._running:
             return
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            while True:
+                self._pump_again = False
+                self._pump_once()
+                if not self._pump_again:
+                    break
+        finally:
+            self._pumping = False
+
+    def _pump_once(self) -> None:
         now = self.clock.seconds()
         while self._delayed and self._delayed[0][0] <= now:
             _, action_id = heapq.heappop(self._delayed)

@@ -29,7 +29,7 @@ def _int(fields: Mapping[str, str], name: str, required: bool) -> int:
         if required:
             raise BadRequest(name, "required")
         return 0
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest(name, f"must be a whole number of microseconds, got {value[:40]!r}")
     return int(value)
 

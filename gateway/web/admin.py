@@ -9,10 +9,11 @@ from typing import Any, Callable
 
 import attrs
 from klein import Klein
+from twisted.internet.defer import DeferredLock
 from twisted.web.iweb import IRequest
 
 from gateway.errors import BadRequest
-from gateway.model import ACTION_STATES, Tenant, parse_tenant
+from gateway.model import ACTION_STATES, MAX_ID, Tenant, parse_tenant
 from gateway.web import json_response
 
 
@@ -36,6 +37,14 @@ def _body(request: IRequest) -> Any:
         raise BadRequest("body", f"not JSON: {e}") from None
 
 
+def _id(text: str) -> int | None:
+    """An id from a URL segment: ASCII digits that fit the store, else None (a 404)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
 def _int_arg(request: IRequest, name: str, default: int | None, top: int = 1000) -> int | None:
     raw = request.args.get(name.encode())
     if not raw:
@@ -56,6 +65,9 @@ class AdminSite:
 
     def __init__(self, gateway: Any) -> None:
         self.gateway = gateway
+        # Tenant writes one at a time: each checks the directory, then awaits the store, and
+        # two at once would both pass the check (two 201s for one id, lost patches).
+        self._writes = DeferredLock()
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -67,7 +79,7 @@ class AdminSite:
                              error.status)
 
     def _tenant(self, tenant_id: str) -> Tenant:
-        tenant = self.gateway.tenants.get(int(tenant_id)) if tenant_id.isdigit() else None
+        tenant = self.gateway.tenants.get(_id(tenant_id))
         if tenant is None or tenant.deleted:
             raise BadRequest("id", f"no tenant {tenant_id[:20]}", status=404)
         return tenant
@@ -77,10 +89,11 @@ class AdminSite:
     async def create(self, request: IRequest) -> bytes:
         body = _body(request)
         tenant = parse_tenant(body)
-        existing = self.gateway.tenants.get(tenant.id)
-        if existing is not None and not existing.deleted:
-            raise BadRequest("id", f"tenant {tenant.id} exists", status=409)
-        await self.gateway.save_tenant(tenant, existing)
+        async with self._writes:
+            existing = self.gateway.tenants.get(tenant.id)
+            if existing is not None and not existing.deleted:
+                raise BadRequest("id", f"tenant {tenant.id} exists", status=409)
+            await self.gateway.save_tenant(tenant, existing)
         out = tenant.to_json()
         if not (isinstance(body, dict) and body.get("key")):
             # A generated key is shown this once, so the operator can build the PBX URLs.
@@ -102,18 +115,26 @@ class AdminSite:
     @app.route("/api/v1/tenants/<tenant_id>", methods=["PATCH"])
     @_authorised
     async def patch(self, request: IRequest, tenant_id: str) -> bytes:
-        current = self._tenant(tenant_id)
-        tenant = parse_tenant(_body(request), current)
-        await self.gateway.save_tenant(tenant, current)
-        return json_response(request, tenant.to_json())
+        body = _body(request)
+        async with self._writes:
+            current = self._tenant(tenant_id)
+            tenant = parse_tenant(body, current)
+            await self.gateway.save_tenant(tenant, current)
+        out = tenant.to_json()
+        if tenant.key != current.key and not body.get("key"):
+            # ``"key": null`` (or "") asks for a new generated key: shown this once, like
+            # at creation, or the PBX could never be given it.
+            out["key"] = tenant.key
+        return json_response(request, out)
 
     @app.route("/api/v1/tenants/<tenant_id>", methods=["DELETE"])
     @_authorised
     async def delete(self, request: IRequest, tenant_id: str) -> bytes:
-        current = self._tenant(tenant_id)
-        # Kept, marked deleted: its outbox (the CRM's setup/disable first) still drains.
-        await self.gateway.save_tenant(attrs.evolve(current, deleted=True, enabled=False),
-                                       current)
+        async with self._writes:
+            current = self._tenant(tenant_id)
+            # Kept, marked deleted: its outbox (the CRM's setup/disable first) still drains.
+            await self.gateway.save_tenant(attrs.evolve(current, deleted=True, enabled=False),
+                                           current)
         request.setResponseCode(204)
         return b""
 
@@ -127,7 +148,7 @@ class AdminSite:
     @app.route("/api/v1/actions", methods=["GET"])
     @_authorised
     async def actions(self, request: IRequest) -> bytes:
-        state = (request.args.get(b"state") or [b""])[0].decode()
+        state = (request.args.get(b"state") or [b""])[0].decode("utf-8", "replace")
         if state and state not in ACTION_STATES:
             raise BadRequest("state", f"must be one of {', '.join(ACTION_STATES)}")
         tenant = _int_arg(request, "tenant", None, top=2**62)
@@ -138,7 +159,8 @@ class AdminSite:
     @app.route("/api/v1/actions/<action_id>", methods=["GET"])
     @_authorised
     async def action(self, request: IRequest, action_id: str) -> bytes:
-        found = await self.gateway.store.action(int(action_id)) if action_id.isdigit() else None
+        number = _id(action_id)
+        found = await self.gateway.store.action(number) if number is not None else None
         if found is None:
             raise BadRequest("id", f"no action {action_id[:20]}", status=404)
         return json_response(request, found)
@@ -146,14 +168,13 @@ class AdminSite:
     @app.route("/api/v1/actions/<action_id>/retry", methods=["POST"])
     @_authorised
     async def retry(self, request: IRequest, action_id: str) -> bytes:
-        if not action_id.isdigit():
-            raise BadRequest("id", f"no action {action_id[:20]}", status=404)
-        before = await self.gateway.store.action(int(action_id))
+        number = _id(action_id)
+        before = await self.gateway.store.action(number) if number is not None else None
         if before is None:
-            raise BadRequest("id", f"no action {action_id}", status=404)
+            raise BadRequest("id", f"no action {action_id[:20]}", status=404)
         if before["state"] not in ("dead", "failed"):
             raise BadRequest("state", f"action {action_id} is {before['state']}; only dead "
                              "or failed actions can be retried", status=409)
-        action = await self.gateway.store.retry(int(action_id), self.gateway.reactor.seconds())
+        action = await self.gateway.store.retry(number, self.gateway.reactor.seconds())
         self.gateway.dispatcher.add([action])
         return json_response(request, action.summary())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qs, parse_qsl
 
 from klein import Klein
 from twisted.logger import Logger
@@ -30,12 +30,14 @@ def _form(request: IRequest, max_body: int) -> dict[str, str]:
         if ctype not in (b"", b"application/x-www-form-urlencoded"):
             raise BadRequest("Content-Type", "must be application/x-www-form-urlencoded",
                              status=415)
-    for part in (query, body):
+    for where, part in (("query", query), ("body", body)):
         try:
+            # errors="strict": percent-encoded bytes must be UTF-8 too, or a field would be
+            # stored with replacement characters.
             pairs = parse_qsl(part.decode("utf-8"), keep_blank_values=True,
-                              strict_parsing=False)
+                              strict_parsing=False, errors="strict")
         except UnicodeDecodeError:
-            raise BadRequest("body", "not UTF-8 form data") from None
+            raise BadRequest(where, "not UTF-8 form data") from None
         for name, value in pairs:
             fields.setdefault(name, value)
     return fields
@@ -53,12 +55,18 @@ class PublicSite:
         return self.app.resource()
 
     def _tenant(self, request: IRequest, tenant_id: str, login: str) -> Tenant:
-        tenant = self.gateway.tenants.get(int(tenant_id)) if tenant_id.isdigit() else None
+        # ASCII digits only (int() refuses some Unicode digits, "²", that isdigit() allows),
+        # and not so many that int() refuses them either.
+        number = (int(tenant_id) if tenant_id.isascii() and tenant_id.isdigit()
+                  and len(tenant_id) <= 20 else None)
+        tenant = self.gateway.tenants.get(number)
         if tenant is None or tenant.deleted or tenant.pbx.login != login:
             raise BadRequest("tenant", f"no tenant {tenant_id[:20]} with PBX login "
                              f"{login[:40]}", status=404)
-        keys = request.args.get(b"key") or [b""]
-        if not hmac.compare_digest(keys[0], tenant.key.encode()):
+        # The key is part of the URL the PBX was given; a body field cannot stand in for it.
+        query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+        keys = parse_qs(query.decode("latin-1"), errors="replace").get("key") or [""]
+        if not hmac.compare_digest(keys[0].encode(), tenant.key.encode()):
             raise BadRequest("key", "wrong or missing key", status=403)
         if not tenant.enabled:
             raise BadRequest("tenant", f"tenant {tenant.id} is disabled", status=403)
