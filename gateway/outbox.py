@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable
 
 import attrs
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from gateway.errors import Permanent, Retryable
@@ -100,9 +101,16 @@ class Dispatcher:
         self.add(await self.store.pending_actions())
 
     def stop(self) -> None:
+        """Start no more attempts (those in flight still finish and are recorded)."""
         self._running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, for the attempts in flight to finish."""
+        deadline = self.clock.seconds() + timeout
+        while self._flying and self.clock.seconds() < deadline:
+            await deferLater(self.clock, 0.05, lambda: None)
 
     def add(self, actions: list[Action]) -> None:
         """New pending actions (from the fold, a restart or a re-drive)."""

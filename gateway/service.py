@@ -106,7 +106,11 @@ class Gateway(MultiService):
         if self._pruning.running:
             self._pruning.stop()
         self.dispatcher.stop()
+        # An attempt cut off here would be sent again after the restart; give the ones in
+        # flight the length of one request timeout to finish and be recorded.
+        await self.dispatcher.drain(self.http.timeout)
         self.engine.stop()
+        await self.engine.idle()
         await self.store.stop()
         await self.http.close()
 
