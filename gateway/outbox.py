@@ -85,6 +85,7 @@ class Dispatcher:
         self._delayed: list[tuple[float, int]] = []
         self._buckets: dict[str, TokenBucket] = {}
         self._flying: set[int] = set()
+        self._stale: set[int] = set()  # pop-ups in flight whose leg has ended meanwhile
         # A tenant's setup (enable) goes before anything else of that tenant: Altegio
         # ignores events and history until it has seen it.
         self._parked: dict[int, list[Action]] = {}
@@ -131,13 +132,19 @@ class Dispatcher:
         self._pump()
 
     def drop(self, ids: list[int]) -> None:
-        """Pop-ups the fold found stale (their leg ended): forget them."""
+        """Pop-ups the fold found stale (their leg ended): never send them again."""
         for action_id in ids:
             action = self.actions.get(action_id)
-            if action is not None and action.state == PENDING and action_id not in self._flying:
-                action.state = DROPPED
-                self._count(DROPPED)
-                self._finish(action)  # it may sit in a lane or the delay heap: skipped there
+            if action is None or action.state != PENDING:
+                continue
+            if action_id in self._flying:
+                # Its request is out; if it fails it is dropped, not retried.
+                self._stale.add(action_id)
+            else:
+                # Recorded (not only forgotten), so a failed try written after the fold's
+                # own update cannot leave the row pending.  It may sit in a lane or the
+                # delay heap: skipped there.
+                self._settle(action, DROPPED, None, "", "leg ended before delivery")
         self._pump()
 
     def _ready(self, action: Action) -> None:
@@ -266,6 +273,10 @@ class Dispatcher:
         self._pump()
 
     def _retry(self, action: Action, error: Retryable) -> None:
+        if action.id in self._stale:
+            self._settle(action, DROPPED, error.status, error.message,
+                         "leg ended before delivery")
+            return
         action.attempts += 1
         now = self.clock.seconds()
         if now - action.created >= self.policy.max_age:
@@ -298,6 +309,7 @@ class Dispatcher:
         if state != DONE:
             action.last_error = request if state != DROPPED else answer
         self._count(state)
+        self._stale.discard(action.id)
         self.store.record_attempt(action, Attempt(
             action=action.id, at=self.clock.seconds(), outcome=state, status=status,
             request=request, answer=answer[:500]))

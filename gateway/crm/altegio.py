@@ -13,8 +13,9 @@ from gateway.httpclient import HttpClient, Response, retry_after
 from gateway.model import POPUP, RECORD, SETUP, Action, Tenant, e164
 
 ACCEPT = "application/vnd.api.v2+json"
-# Altegio allows 5 requests/s per source IP, whatever tenant they are for.
-RATE, BURST = 5.0, 5
+# Altegio allows 5 requests/s per source IP, whatever tenant they are for.  No burst: a
+# bucket of 5 could send 10 within one second of the server's window.
+RATE, BURST = 5.0, 1
 
 
 def supports(kind: str, payload: dict[str, Any]) -> bool:
