@@ -101,13 +101,26 @@ def test_stale_popup_is_dropped_not_sent() -> None:
 
 
 def test_popup_of_an_ended_leg_is_forgotten() -> None:
-    d, crm, clock, _ = make(Policy(max_in_flight=1))
+    d, crm, clock, store = make(Policy(max_in_flight=1))
     d.add([action(call="c0")])
     pop = action(kind=POPUP, call="c1", leg="S1")
     d.add([pop])
     d.drop([pop.id])
     crm.answer(0)
     assert crm.sent == [] and d.depth == 0
+    assert pop.state == DROPPED and store.attempts[0].outcome == DROPPED
+
+
+def test_popup_in_flight_when_its_leg_ends_is_dropped_if_it_fails() -> None:
+    d, crm, clock, store = make()
+    pop = action(kind=POPUP, call="c1", leg="S1")
+    d.add([pop])
+    assert crm.sent == [pop.id]
+    d.drop([pop.id])  # the hangup was folded while the request was out
+    crm.answer(0, Retryable("503", status=503))
+    clock.advance(3600)
+    assert crm.sent == [] and pop.state == DROPPED
+    assert [a.outcome for a in store.attempts] == [DROPPED]
 
 
 def test_token_bucket_limits_the_rate_per_host() -> None:
