@@ -31,6 +31,7 @@ from gateway.service import Gateway, access_log
 from gateway.store.sqlite import SQLiteStore
 from gateway.web.admin import AdminSite
 from gateway.web.public import PublicSite
+from tests.test_public import CALL, DIAL_IN, LEG
 
 TOKEN = "adm1n-t0ken-for-tests"
 KEY = "tenant-key-0123456789abcdef"
@@ -38,16 +39,6 @@ PBX_SECRET = "pbx-client-secret-9f8e7d"
 PARTNER = "partner-token-5a4b3c2d1e"
 CRM_TOKEN = "7cf262d6-1b2a-4c3d-9e8f-0a1b2c3d4ec2"
 SECRETS = (KEY, PBX_SECRET, PARTNER)
-
-CALL = "5f0c1e2a9b3d4c6e8f10a2b3c4d5e6f7"
-LEG = "200501-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
-DIAL_IN = {
-    "EventType": "dial-in", "CallID": CALL, "SubCallID": LEG, "CallFlow": "in",
-    "CallStatus": "CALLING", "CallerIDNum": "+79161234567", "CallerIDName": "+79161234567",
-    "CalledDID": "74951234567", "CalledNumber": "7001*101",
-    "CalledExtension": "7001*101@sipproxy.telphin.ru", "CalledExtensionID": "200501",
-    "EventTime": "1715677267123456",
-}
 
 MISSING = object()
 

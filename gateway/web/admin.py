@@ -78,6 +78,13 @@ class AdminSite:
         return json_response(request, {"error": error.message, "field": error.field},
                              error.status)
 
+    async def _action(self, action_id: str) -> dict:
+        number = _id(action_id)
+        found = await self.gateway.store.action(number) if number is not None else None
+        if found is None:
+            raise BadRequest("id", f"no action {action_id[:20]}", status=404)
+        return found
+
     def _tenant(self, tenant_id: str) -> Tenant:
         tenant = self.gateway.tenants.get(_id(tenant_id))
         if tenant is None or tenant.deleted:
@@ -159,22 +166,15 @@ class AdminSite:
     @app.route("/api/v1/actions/<action_id>", methods=["GET"])
     @_authorised
     async def action(self, request: IRequest, action_id: str) -> bytes:
-        number = _id(action_id)
-        found = await self.gateway.store.action(number) if number is not None else None
-        if found is None:
-            raise BadRequest("id", f"no action {action_id[:20]}", status=404)
-        return json_response(request, found)
+        return json_response(request, await self._action(action_id))
 
     @app.route("/api/v1/actions/<action_id>/retry", methods=["POST"])
     @_authorised
     async def retry(self, request: IRequest, action_id: str) -> bytes:
-        number = _id(action_id)
-        before = await self.gateway.store.action(number) if number is not None else None
-        if before is None:
-            raise BadRequest("id", f"no action {action_id[:20]}", status=404)
+        before = await self._action(action_id)
         if before["state"] not in ("dead", "failed"):
             raise BadRequest("state", f"action {action_id} is {before['state']}; only dead "
                              "or failed actions can be retried", status=409)
-        action = await self.gateway.store.retry(number, self.gateway.reactor.seconds())
+        action = await self.gateway.store.retry(before["id"], self.gateway.reactor.seconds())
         self.gateway.dispatcher.add([action])
         return json_response(request, action.summary())
