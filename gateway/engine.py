@@ -53,17 +53,29 @@ class Engine:
         self._idle: list[Deferred] = []
         self.folded = 0
         self._policies: dict[int, tuple[Tenant | None, Policy]] = {}
+        self._broken = False
+        self._stopped = False
+        self.retry_delay = 1.0
 
     async def start(self) -> None:
+        await self._load()
+        await self._fold()
+        self._arm()
+
+    async def _load(self) -> None:
+        """Cursor and open calls as the store has them (at start and after a failed fold)."""
+        self.calls.clear()
+        self._timers.clear()
+        self._armed.clear()
         self.cursor = await self.store.fold_cursor()
         for data in await self.store.open_calls():
             call = Call.from_state(data)
             self.calls[(call.tenant, call.key)] = call
             self._schedule(call)
-        await self._fold()
-        self._arm()
+        self._broken = False
 
     def stop(self) -> None:
+        self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -73,8 +85,7 @@ class Engine:
         if self._running:
             self._again = True
         else:
-            ensureDeferred(self._fold()).addErrback(
-                lambda f: log.failure("fold failed", f))
+            ensureDeferred(self._fold()).addErrback(lambda f: log.failure("fold", f))
 
     def idle(self) -> Deferred:
         """Fires when the engine has folded everything it was poked for (tests, shutdown)."""
@@ -88,6 +99,8 @@ class Engine:
     async def _fold(self) -> None:
         self._running = True
         try:
+            if self._broken:
+                await self._load()
             while True:
                 self._again = False
                 rows = await self.store.events_after(self.cursor, self.batch)
@@ -96,9 +109,21 @@ class Engine:
                     await self._fold_batch(rows, due)
                 if len(rows) < self.batch and not self._again:
                     break
+        except Exception:
+            # Calls in memory may hold events whose fold was not committed: reload them
+            # from the store before the next try, and try again without waiting for a
+            # webhook.
+            log.failure("fold failed; retrying in {delay} s from the stored state",
+                        delay=self.retry_delay)
+            self._broken = True
         finally:
             self._running = False
-            self._arm()
+            if not self._broken:
+                self._arm()
+            elif not self._stopped:
+                if self._timer is not None and self._timer.active():
+                    self._timer.cancel()
+                self._timer = self.clock.callLater(self.retry_delay, self.poke)
             waiters, self._idle = self._idle, []
             for d in waiters:
                 d.callback(None)

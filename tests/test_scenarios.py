@@ -8,6 +8,7 @@ the last event the clock runs past every grace timer.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import attrs
@@ -304,3 +305,42 @@ async def test_grace_timer_survives_a_restart(tmp_path: Any) -> None:
     engine.stop()
     await store.stop()
     assert [(a.kind, a.payload["status"]) for a in produced[2:]] == [("record", "missed")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_fold_loses_nothing(tmp_path: Any) -> None:
+    """A fold whose commit fails is redone from the stored state, on a timer of its own."""
+    store = SQLiteStore(str(tmp_path / "fail.sqlite"), reactor)
+    await store.start()
+    clock = Clock()
+    produced: list = []
+    engine = Engine(store, clock, {807: TENANT}.get, lambda *a: True,
+                    lambda inserted, dropped: produced.extend(inserted))
+    await engine.start()
+    commit = store.commit_fold
+    failures = []
+
+    def fail_once(*args: Any) -> Any:
+        if not failures:
+            failures.append(args)
+            raise sqlite3.OperationalError("disk I/O error")
+        return commit(*args)
+
+    store.commit_fold = fail_once
+    try:
+        for url_event, ext, at, fields in [dial_in("101", 0), answer("101", 5),
+                                           hangup("101", 65, "ANSWER")]:
+            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
+                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
+            await store.append([parse_event(form, url_event, 807, clock.seconds())])
+        engine.poke()
+        await engine.idle()
+        assert failures and produced == []
+        clock.advance(engine.retry_delay)  # no webhook comes to poke it
+        await engine.idle()
+        assert [(a.kind, a.payload.get("status")) for a in produced] == [
+            ("popup", None), ("record", "success")]
+        assert engine.cursor == (await store.stats())["log_head"]
+    finally:
+        engine.stop()
+        await store.stop()
