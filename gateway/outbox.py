@@ -68,7 +68,9 @@ class Dispatcher:
     """Delivers actions: per-call order, pop-ups first, token buckets, in-flight cap, retries.
 
     The pending outbox is held in memory (loaded from the store at start); every outcome is
-    written back with its attempt before the next action of the same call may go.
+    written back with its attempt.  The next action of the same call may go before that
+    write commits: attempts are committed in the order they are recorded, so the store never
+    shows a later action of a call settled and an earlier one pending.
     """
 
     def __init__(self, store: Any, clock: Any, perform: Perform, limits: Limits,
@@ -296,7 +298,7 @@ class Dispatcher:
         action.next_at = now + delay
         action.last_error = error.message
         self._count("retry")
-        self.store.record_attempt(action, Attempt(
+        self._record(action, Attempt(
             action=action.id, at=now, outcome="retry", status=error.status,
             request=error.message, answer=error.answer[:500]))
         heapq.heappush(self._delayed, (action.next_at, action.id))
@@ -310,10 +312,19 @@ class Dispatcher:
             action.last_error = request if state != DROPPED else answer
         self._count(state)
         self._stale.discard(action.id)
-        self.store.record_attempt(action, Attempt(
+        self._record(action, Attempt(
             action=action.id, at=self.clock.seconds(), outcome=state, status=status,
             request=request, answer=answer[:500]))
         self._finish(action)
+
+    def _record(self, action: Action, attempt: Attempt) -> None:
+        def failed(f: Any) -> None:
+            # The outcome stays in memory; the stored row keeps its previous state, so a
+            # restart before a later write succeeds sends the action again.
+            log.failure("action {id}: outcome {outcome} not stored", f, id=action.id,
+                        outcome=attempt.outcome)
+
+        self.store.record_attempt(action, attempt).addErrback(failed)
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
