@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from gateway.calls import Call, Effect, Policy
-from gateway.model import Action, Tenant, e164
+from gateway.model import DROPPED, Action, Tenant, e164
 
 log = Logger()
 
@@ -192,6 +192,11 @@ class Engine:
             cursor, [c.to_state() for c in touched.values()], actions, stale, now)
         self.cursor = cursor
         self.folded += len(rows)
+        # A pop-up whose leg hung up within this same batch was stored and dropped at once.
+        gone = set(dropped)
+        for action in inserted:
+            if action.id in gone:
+                action.state = DROPPED
         for key, call in touched.items():
             if call.is_final:
                 self.calls.pop(key, None)

@@ -118,7 +118,7 @@ class Dispatcher:
     def add(self, actions: list[Action]) -> None:
         """New pending actions (from the fold, a restart or a re-drive)."""
         for action in actions:
-            if action.id in self.actions:
+            if action.id in self.actions or action.state != PENDING:
                 continue
             self.actions[action.id] = action
             chain = self._chains.setdefault((action.tenant, action.call), deque())

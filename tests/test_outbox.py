@@ -216,3 +216,11 @@ def test_bucket_refills_over_time() -> None:
     bucket = TokenBucket(rate=2, burst=2, tokens=0, stamp=0)
     assert bucket.wait(0) == 0.5
     assert bucket.wait(0.5) == 0
+
+
+def test_an_action_settled_before_it_is_added_is_not_sent() -> None:
+    d, crm, clock, _ = make()
+    pop = action(kind=POPUP, call="c1", leg="S1")
+    pop.state = DROPPED  # stored and dropped in the fold that created it
+    d.add([pop])
+    assert crm.sent == [] and d.depth == 0

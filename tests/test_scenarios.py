@@ -344,3 +344,32 @@ async def test_a_failed_fold_loses_nothing(tmp_path: Any) -> None:
     finally:
         engine.stop()
         await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_popup_of_a_leg_that_ended_in_the_same_batch_is_not_sent(tmp_path: Any) -> None:
+    """Ring and hangup folded together: the pop-up is stored, but as dropped."""
+    store = SQLiteStore(str(tmp_path / "batch.sqlite"), reactor)
+    await store.start()
+    clock = Clock()
+    produced: list = []
+    engine = Engine(store, clock, {807: TENANT}.get,
+                    lambda t, kind, payload: altegio.supports(kind, payload),
+                    lambda inserted, dropped: produced.extend(inserted))
+    await engine.start()
+    try:
+        for url_event, ext, at, fields in [dial_in("101", 0), hangup("101", 10, "NOANSWER")]:
+            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
+                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
+            await store.append([parse_event(form, url_event, 807, clock.seconds())])
+        engine.poke()  # one fold for both events
+        await engine.idle()
+        clock.advance(TENANT.option("grace") + 0.1)  # the missed call is decided
+        await engine.idle()
+        assert [(a.kind, a.state) for a in produced] == [("popup", "dropped"),
+                                                        ("record", "pending")]
+        assert [a["state"] for a in await store.actions(None, 807, 10)] == ["pending",
+                                                                          "dropped"]
+    finally:
+        engine.stop()
+        await store.stop()
