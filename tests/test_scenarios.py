@@ -244,80 +244,74 @@ async def test_scenario(tmp_path: Any, name: str) -> None:
     assert await fold(tmp_path, events, tenant) == expected
 
 
+class Folding:
+    """A store and an engine on a test clock; what the engine hands the dispatcher."""
+
+    def __init__(self, path: Any, supports: Any = lambda *a: True) -> None:
+        self.path, self.supports = str(path), supports
+        self.clock = Clock()
+        self.produced: list = []
+
+    async def start(self) -> "Folding":
+        self.store = SQLiteStore(self.path, reactor)
+        await self.store.start()
+        self.engine = Engine(self.store, self.clock, {807: TENANT}.get, self.supports,
+                             lambda inserted, dropped: self.produced.extend(inserted))
+        await self.engine.start()
+        return self
+
+    async def stop(self) -> None:
+        self.engine.stop()
+        await self.store.stop()
+
+    async def append(self, *steps: tuple, fold: bool = True) -> None:
+        for url_event, ext, at, fields in steps:
+            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
+                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
+            await self.store.append([parse_event(form, url_event, 807, self.clock.seconds())])
+            if fold:
+                await self.settle()
+
+    async def settle(self, seconds: float = 0.0) -> None:
+        self.clock.advance(seconds)
+        self.engine.poke()
+        await self.engine.idle()
+
+
 @pytest_twisted.ensureDeferred
 async def test_missed_call_waits_for_the_grace_period(tmp_path: Any) -> None:
     """The IVR's hangup alone does not decide: the queue's may follow within the grace."""
-    store = SQLiteStore(str(tmp_path / "grace.sqlite"), reactor)
-    await store.start()
-    clock = Clock()
-    produced: list = []
-    engine = Engine(store, clock, {807: TENANT}.get, lambda *a: True,
-                    lambda inserted, dropped: produced.extend(inserted))
-    await engine.start()
+    f = await Folding(tmp_path / "grace.sqlite").start()
     try:
-        for i, (url_event, ext, at, fields) in enumerate(
-                [dial_in("500", 0), hangup("500", 10, "ANSWER", Bridged="no")]):
-            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
-                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
-            await store.append([parse_event(form, url_event, 807, clock.seconds())])
-            engine.poke()
-            await engine.idle()
-        clock.advance(2.9)
-        await engine.idle()
-        assert produced == []
-        clock.advance(0.2)
-        await engine.idle()
-        assert [a.payload["status"] for a in produced] == ["missed"]
+        await f.append(dial_in("500", 0), hangup("500", 10, "ANSWER", Bridged="no"))
+        await f.settle(2.9)
+        assert f.produced == []
+        await f.settle(0.2)
+        assert [a.payload["status"] for a in f.produced] == ["missed"]
     finally:
-        engine.stop()
-        await store.stop()
+        await f.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_grace_timer_survives_a_restart(tmp_path: Any) -> None:
     """A call waiting for its grace period when the process stops is decided after restart."""
-    path = str(tmp_path / "restart.sqlite")
-    clock = Clock()
-    produced: list = []
+    f = await Folding(tmp_path / "restart.sqlite").start()
+    await f.append(dial_in("101", 0), hangup("101", 10, "NOANSWER"))
+    await f.stop()
+    assert [a.kind for a in f.produced] == ["popup", "close_popup"]  # supports everything
 
-    async def engine_on_fresh_store() -> tuple[SQLiteStore, Engine]:
-        store = SQLiteStore(path, reactor)
-        await store.start()
-        engine = Engine(store, clock, {807: TENANT}.get, lambda *a: True,
-                        lambda inserted, dropped: produced.extend(inserted))
-        await engine.start()
-        return store, engine
-
-    store, engine = await engine_on_fresh_store()
-    for url_event, ext, at, fields in [dial_in("101", 0), hangup("101", 10, "NOANSWER")]:
-        form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
-                "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
-        await store.append([parse_event(form, url_event, 807, clock.seconds())])
-        engine.poke()
-        await engine.idle()
-    engine.stop()
-    await store.stop()
-    assert [a.kind for a in produced] == ["popup", "close_popup"]  # supports everything
-
-    clock.advance(10)  # the process was down past the due time
-    store, engine = await engine_on_fresh_store()
-    await engine.idle()
-    engine.stop()
-    await store.stop()
-    assert [(a.kind, a.payload["status"]) for a in produced[2:]] == [("record", "missed")]
+    f.clock.advance(10)  # the process was down past the due time
+    await f.start()
+    await f.engine.idle()
+    await f.stop()
+    assert [(a.kind, a.payload["status"]) for a in f.produced[2:]] == [("record", "missed")]
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_failed_fold_loses_nothing(tmp_path: Any) -> None:
     """A fold whose commit fails is redone from the stored state, on a timer of its own."""
-    store = SQLiteStore(str(tmp_path / "fail.sqlite"), reactor)
-    await store.start()
-    clock = Clock()
-    produced: list = []
-    engine = Engine(store, clock, {807: TENANT}.get, lambda *a: True,
-                    lambda inserted, dropped: produced.extend(inserted))
-    await engine.start()
-    commit = store.commit_fold
+    f = await Folding(tmp_path / "fail.sqlite").start()
+    commit = f.store.commit_fold
     failures = []
 
     def fail_once(*args: Any) -> Any:
@@ -326,50 +320,33 @@ async def test_a_failed_fold_loses_nothing(tmp_path: Any) -> None:
             raise sqlite3.OperationalError("disk I/O error")
         return commit(*args)
 
-    store.commit_fold = fail_once
+    f.store.commit_fold = fail_once
     try:
-        for url_event, ext, at, fields in [dial_in("101", 0), answer("101", 5),
-                                           hangup("101", 65, "ANSWER")]:
-            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
-                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
-            await store.append([parse_event(form, url_event, 807, clock.seconds())])
-        engine.poke()
-        await engine.idle()
-        assert failures and produced == []
-        clock.advance(engine.retry_delay)  # no webhook comes to poke it
-        await engine.idle()
-        assert [(a.kind, a.payload.get("status")) for a in produced] == [
+        await f.append(dial_in("101", 0), answer("101", 5), hangup("101", 65, "ANSWER"),
+                       fold=False)
+        await f.settle()
+        assert failures and f.produced == []
+        f.clock.advance(f.engine.retry_delay)  # no webhook comes to poke it
+        await f.engine.idle()
+        assert [(a.kind, a.payload.get("status")) for a in f.produced] == [
             ("popup", None), ("record", "success")]
-        assert engine.cursor == (await store.stats())["log_head"]
+        assert f.engine.cursor == (await f.store.stats())["log_head"]
     finally:
-        engine.stop()
-        await store.stop()
+        await f.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_popup_of_a_leg_that_ended_in_the_same_batch_is_not_sent(tmp_path: Any) -> None:
     """Ring and hangup folded together: the pop-up is stored, but as dropped."""
-    store = SQLiteStore(str(tmp_path / "batch.sqlite"), reactor)
-    await store.start()
-    clock = Clock()
-    produced: list = []
-    engine = Engine(store, clock, {807: TENANT}.get,
-                    lambda t, kind, payload: altegio.supports(kind, payload),
-                    lambda inserted, dropped: produced.extend(inserted))
-    await engine.start()
+    f = await Folding(tmp_path / "batch.sqlite",
+                      lambda t, kind, payload: altegio.supports(kind, payload)).start()
     try:
-        for url_event, ext, at, fields in [dial_in("101", 0), hangup("101", 10, "NOANSWER")]:
-            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
-                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
-            await store.append([parse_event(form, url_event, 807, clock.seconds())])
-        engine.poke()  # one fold for both events
-        await engine.idle()
-        clock.advance(TENANT.option("grace") + 0.1)  # the missed call is decided
-        await engine.idle()
-        assert [(a.kind, a.state) for a in produced] == [("popup", "dropped"),
-                                                        ("record", "pending")]
-        assert [a["state"] for a in await store.actions(None, 807, 10)] == ["pending",
-                                                                          "dropped"]
+        await f.append(dial_in("101", 0), hangup("101", 10, "NOANSWER"), fold=False)
+        await f.settle()  # one fold for both events
+        await f.settle(TENANT.option("grace") + 0.1)  # the missed call is decided
+        assert [(a.kind, a.state) for a in f.produced] == [("popup", "dropped"),
+                                                          ("record", "pending")]
+        assert [a["state"] for a in await f.store.actions(None, 807, 10)] == ["pending",
+                                                                            "dropped"]
     finally:
-        engine.stop()
-        await store.stop()
+        await f.stop()
