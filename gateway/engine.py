@@ -85,7 +85,8 @@ class Engine:
         if self._running:
             self._again = True
         else:
-            ensureDeferred(self._fold()).addErrback(lambda f: log.failure("fold", f))
+            ensureDeferred(self._fold()).addErrback(
+                lambda f: log.failure("fold crashed outside its own error handling", f))
 
     def idle(self) -> Deferred:
         """Fires when the engine has folded everything it was poked for (tests, shutdown)."""
@@ -192,11 +193,13 @@ class Engine:
             cursor, [c.to_state() for c in touched.values()], actions, stale, now)
         self.cursor = cursor
         self.folded += len(rows)
-        # A pop-up whose leg hung up within this same batch was stored and dropped at once.
-        gone = set(dropped)
-        for action in inserted:
-            if action.id in gone:
-                action.state = DROPPED
+        if dropped:
+            # A pop-up whose leg hung up within this same batch was stored and dropped at
+            # once: it must not reach the dispatcher as pending.
+            gone = set(dropped)
+            for action in inserted:
+                if action.id in gone:
+                    action.state = DROPPED
         for key, call in touched.items():
             if call.is_final:
                 self.calls.pop(key, None)

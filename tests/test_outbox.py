@@ -100,7 +100,7 @@ def test_stale_popup_is_dropped_not_sent() -> None:
     assert [a.outcome for a in store.attempts] == [DONE, DROPPED]
 
 
-def test_popup_of_an_ended_leg_is_forgotten() -> None:
+def test_popup_of_an_ended_leg_is_dropped_and_recorded() -> None:
     d, crm, clock, store = make(Policy(max_in_flight=1))
     d.add([action(call="c0")])
     pop = action(kind=POPUP, call="c1", leg="S1")
