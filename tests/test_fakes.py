@@ -227,6 +227,15 @@ async def test_the_sixth_request_in_a_second_is_rate_limited() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_per_account_limit_counts_each_crm_token_alone() -> None:
+    fake, stub, _ = altegio(rate_limit=2.0, rate_limit_by="account")
+    other = {**SETUP, "crm_token": "0b9a8c7d-1e2f-4a5b-8c9d-0e1f2a3b4c5d"}
+    assert [(await post(stub, SETUP))[0] for _ in range(3)] == [202, 202, 429]
+    assert [(await post(stub, other))[0] for _ in range(3)] == [202, 202, 429]
+    assert fake.rejected_rate_limited == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_rejected_requests_count_toward_the_rate_limit() -> None:
     fake, stub, _ = altegio(rate_limit=2.0)
     assert (await post(stub, SETUP, {}))[0] == 401

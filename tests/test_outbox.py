@@ -129,9 +129,12 @@ def test_token_bucket_limits_the_rate_per_host() -> None:
     assert len(crm.calls) == 5
     for _ in range(5):
         crm.answer(0)
+    interval = 1 / (5 * Policy().headroom)  # a little under the CRM's 5/s
     clock.advance(0.2)
+    assert len(crm.calls) == 0
+    clock.advance(interval - 0.2)
     assert len(crm.calls) == 1
-    clock.advance(1.0)
+    clock.advance(5 * interval)
     assert len(crm.calls) == 6
 
 

@@ -192,6 +192,9 @@ class FakeAltegio:
     user_token: str = "user-token"
     clock: IReactorTime = field(factory=default_clock)
     rate_limit: float | None = 5.0
+    # "ip": Altegio's own limit, per client IP; "account": per crm_token, as CRMs that
+    # limit each customer's account do (the bench's per-account drain).
+    rate_limit_by: str = "ip"
     faults: Faults = field(factory=Faults)
     received: list[dict[str, Any]] = field(factory=list, init=False)
     enabled: set[str] = field(factory=set, init=False)
@@ -255,13 +258,15 @@ class FakeAltegio:
             if not entry["ignored"] and entry["body"]["command"] == command
         ]
 
-    def _admit(self, request: IRequest) -> None:
-        """Apply the per-IP limit; requests it turns away do not use up the window."""
-        if self.rate_limit is None:
+    def _admit(self, request: IRequest, account: str | None = None) -> None:
+        """Apply the rate limit (per IP, or per account once the body named it); requests
+        it turns away do not use up the window."""
+        if self.rate_limit is None or (self.rate_limit_by == "account") != (account is not None):
             return
         now = self.clock.seconds()
         address = request.getClientAddress()
-        window = self._windows.setdefault(getattr(address, "host", str(address)), deque())
+        key = account if account is not None else getattr(address, "host", str(address))
+        window = self._windows.setdefault(key, deque())
         while window and window[0] <= now - 1.0:
             window.popleft()
         if len(window) >= self.rate_limit:
@@ -309,6 +314,7 @@ class FakeAltegio:
         errors = validate_command(body)
         if errors:
             raise _invalid(errors)
+        self._admit(request, account=str(body["crm_token"]))
         ignored = False
         if body["command"] == "setup":
             if body["type"] == "enable":
@@ -415,8 +421,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate-limit",
         type=float,
         default=5.0,
-        help="requests per second per client IP; 0 turns the limit off",
+        help="requests per second per client IP (or account); 0 turns the limit off",
     )
+    parser.add_argument("--rate-limit-by", choices=("ip", "account"), default="ip")
 
 
 def _build(args: argparse.Namespace, reactor: Any) -> FakeAltegio:
@@ -425,6 +432,7 @@ def _build(args: argparse.Namespace, reactor: Any) -> FakeAltegio:
         user_token=args.user_token,
         clock=reactor,
         rate_limit=args.rate_limit or None,
+        rate_limit_by=args.rate_limit_by,
     )
 
 
