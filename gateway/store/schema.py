@@ -56,4 +56,10 @@ MIGRATIONS: list[str] = [
         seq INTEGER NOT NULL
     );
     """,
+    # 2: a hangup drops the pending pop-up of its leg; without this index SQLite looked it
+    # up through actions_state, reading every pending action (the whole backlog while a
+    # CRM is slow) once per hangup.
+    """
+    CREATE INDEX actions_leg ON actions (tenant, call, leg);
+    """,
 ]

@@ -85,6 +85,7 @@ class SQLiteStore:
         self.reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
         self._db: sqlite3.Connection | None = None
+        self._durable = True
         self._appends = _GroupCommit(self, self._append_sync, batch)
         self._attempts = _GroupCommit(self, self._attempt_sync, batch)
 
@@ -124,9 +125,20 @@ class SQLiteStore:
             await self._run(self._db.close)
         self._pool.stop()
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    def _tx(self, fn: Callable[[sqlite3.Connection], Any], durable: bool = True) -> Any:
+        """Run ``fn`` in one write transaction.
+
+        ``durable``: the commit waits for fsync (survives a power cut).  Otherwise the commit
+        survives the process being killed but not a power cut (WAL, synchronous=NORMAL):
+        for what can be redone from durable rows.  A fold is redone from the event log and
+        its cursor, and an attempt's outcome lost that way means the action is sent again
+        (at least once, as after any crash); the next durable commit makes both durable too.
+        """
         db = self._db
         assert db is not None
+        if durable != self._durable:
+            db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db)
@@ -217,7 +229,7 @@ class SQLiteStore:
             db.execute("INSERT OR REPLACE INTO cursors (name, seq) VALUES ('fold', ?)",
                        (cursor,))
             return inserted, dropped
-        return self._run(self._tx, write)
+        return self._run(self._tx, write, False)
 
     # Outbox
 
@@ -244,7 +256,7 @@ class SQLiteStore:
                            "answer) VALUES (?, ?, ?, ?, ?, ?)",
                            (at.action, at.at, at.outcome, at.status, at.request, at.answer))
             return [None] * len(items)
-        return self._tx(write)
+        return self._tx(write, False)
 
     def retry(self, action_id: int, now: float) -> Deferred:
         """Put a dead or failed action back in the queue; fires with it, or None."""
