@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 from typing import Any
 
 from twisted.application import strports
@@ -11,8 +10,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.http import combinedLogFormatter
-from twisted.web.server import Site
 
 from gateway import outbox
 from gateway.crm import altegio
@@ -30,11 +27,6 @@ CRMS = {"altegio": altegio}
 # and how long delivered actions and their attempts stay readable for operators.
 EVENT_RETENTION = 7 * 86400.0
 ACTION_RETENTION = 30 * 86400.0
-
-
-def access_log(timestamp: str, request: Any) -> str:
-    """Combined log format, with tenant keys in query strings masked."""
-    return re.sub(r"([?&]key=)[^&\s\"]*", r"\1***", combinedLogFormatter(timestamp, request))
 
 
 class Gateway(MultiService):
@@ -81,14 +73,12 @@ class Gateway(MultiService):
             self.tenants[tenant.id] = tenant
         await self.engine.start()
         await self.dispatcher.start()
-        from gateway.web import admin, public
+        from gateway.web import admin, public, site
 
         for description, resource in ((self.listen, public.PublicSite(self).resource()),
                                       (self.admin_listen, admin.AdminSite(self).resource())):
             if description:
-                site = Site(resource, logFormatter=access_log)
-                site.displayTracebacks = False
-                service = strports.service(description, site)
+                service = strports.service(description, site(resource))
                 service.setServiceParent(self)
                 self.sites.append(service)
         self.ready = True

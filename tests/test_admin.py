@@ -23,12 +23,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from gateway import outbox
 from gateway.httpclient import HttpClient
-from gateway.service import Gateway, access_log
+from gateway.service import Gateway
 from gateway.store.sqlite import SQLiteStore
+from gateway.web import site as site_for
 from gateway.web.admin import AdminSite
 from gateway.web.public import PublicSite
 from tests.test_public import CALL, DIAL_IN, LEG
@@ -142,8 +142,7 @@ class Harness:
     async def start(self) -> None:
         await self.gw.start()
         for site in (PublicSite(self.gw), AdminSite(self.gw)):
-            web = Site(site.resource(), logFormatter=access_log)
-            web.displayTracebacks = False
+            web = site_for(site.resource())
             self.ports.append(reactor.listenTCP(0, web, interface="127.0.0.1"))
 
     async def stop(self) -> None:

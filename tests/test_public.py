@@ -19,11 +19,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from gateway.model import Tenant
-from gateway.service import Gateway, access_log
+from gateway.service import Gateway
 from gateway.store.sqlite import SQLiteStore
+from gateway.web import site as site_for
 from gateway.web.public import PublicSite
 
 KEY = "tenant-key-0123456789abcdef"
@@ -93,8 +93,7 @@ class Harness:
         for t in (tenant(807, enabled=False), tenant(808, enabled=False)):
             await self.gw.save_tenant(t, None)
         self.gw.tenants[807] = tenant(807)
-        site = Site(PublicSite(self.gw).resource(), logFormatter=access_log)
-        site.displayTracebacks = False
+        site = site_for(PublicSite(self.gw).resource())
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
 
     async def stop(self) -> None:
