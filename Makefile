@@ -21,5 +21,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
+# A few minutes; ARGS=--quick for a ~30-second sanity run.  See README, "Performance".
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench.run $(ARGS)
+
 clean:
 	rm -rf $(VENV) var build *.egg-info

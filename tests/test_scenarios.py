@@ -204,8 +204,17 @@ SCENARIOS: dict[str, tuple[list[tuple], list[dict], dict]] = {
 }
 
 
-async def fold(tmp_path: Any, events: list[tuple], tenant: Tenant) -> list[dict]:
-    """Run events through parser, engine and store; the Altegio bodies, in action order."""
+def forms(events: list[tuple]) -> list[tuple[float, str, dict[str, str]]]:
+    """Table rows as (seconds after T0, URL event, the whole form the PBX posts)."""
+    return [(at, url_event, {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
+                             "EventTime": str(int((T0 + at) * 1_000_000)), **fields})
+            for url_event, ext, at, fields in events]
+
+
+async def fold(tmp_path: Any, steps: list[tuple[float, str, dict[str, str]]],
+               tenant: Tenant) -> list[dict]:
+    """Run (time, URL event, form) steps through parser, engine and store; the Altegio
+    bodies, in action order."""
     store = SQLiteStore(str(tmp_path / "scenario.sqlite"), reactor)
     await store.start()
     clock = Clock()
@@ -217,11 +226,9 @@ async def fold(tmp_path: Any, events: list[tuple], tenant: Tenant) -> list[dict]
     try:
         await engine.start()
         elapsed = 0.0
-        for url_event, ext, at, fields in events:
+        for at, url_event, form in steps:
             clock.advance(max(0.0, at - elapsed))
             elapsed = max(elapsed, at)
-            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
-                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
             await store.append([parse_event(form, url_event, tenant.id, clock.seconds())])
             engine.poke()
             await engine.idle()
@@ -241,7 +248,7 @@ async def fold(tmp_path: Any, events: list[tuple], tenant: Tenant) -> list[dict]
 async def test_scenario(tmp_path: Any, name: str) -> None:
     events, expected, changes = SCENARIOS[name]
     tenant = attrs.evolve(TENANT, **changes)
-    assert await fold(tmp_path, events, tenant) == expected
+    assert await fold(tmp_path, forms(events), tenant) == expected
 
 
 class Folding:
@@ -265,9 +272,7 @@ class Folding:
         await self.store.stop()
 
     async def append(self, *steps: tuple, fold: bool = True) -> None:
-        for url_event, ext, at, fields in steps:
-            form = {"EventType": url_event, "CallID": CALL, "SubCallID": leg(ext),
-                    "EventTime": str(int((T0 + at) * 1_000_000)), **fields}
+        for _, url_event, form in forms(list(steps)):
             await self.store.append([parse_event(form, url_event, 807, self.clock.seconds())])
             if fold:
                 await self.settle()

@@ -226,9 +226,11 @@ class FakeAltegio(Fake):
         return out
 
 
-def start_fake(procs: Processes, kind: str, *args: str, timeout: float = 15.0) -> Any:
-    """Start ``python -m tests.fakes.<kind>`` and wait for its ``READY`` line."""
-    proc = procs.start(f"fake-{kind}", [sys.executable, "-m", f"tests.fakes.{kind}",
+def start_fake(procs: Processes, kind: str, *args: str, timeout: float = 15.0,
+               name: str | None = None) -> Any:
+    """Start ``python -m tests.fakes.<kind>`` and wait for its ``READY`` line.  Give each
+    fake of a kind its own ``name``: its output file is named after it."""
+    proc = procs.start(name or f"fake-{kind}", [sys.executable, "-m", f"tests.fakes.{kind}",
                                         "--port", "0", "--control-port", "0", *args],
                        cwd=REPO)
 
@@ -278,7 +280,8 @@ class Gateway:
 
     def start(self, timeout: float = 20.0) -> "Gateway":
         self.lives += 1
-        self.proc = self.procs.start(f"gateway-{self.lives}", self.argv(), cwd=self.dir)
+        self.proc = self.procs.start(f"gateway-{self.dir.name}-{self.lives}", self.argv(),
+                                     cwd=self.dir)
         self.wait_ready(timeout)
         return self
 
