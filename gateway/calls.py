@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import attrs
-from automat import MethodicalMachine
 
 from gateway.model import CLOSE_POPUP, POPUP, RECORD, Event, digits, e164
 
@@ -51,9 +50,17 @@ class Effect:
 
 
 class Leg:
-    """One ring of one extension: new → ringing → talking → ended (or ringing → ended)."""
+    """One ring of one extension: new → ringing → talking → ended (or ringing → ended).
 
-    _machine = MethodicalMachine()
+    The machine is the table ``_MACHINE``: (state, input) → (next state, outputs).  Every
+    input is accepted in every state.  (It was an Automat MethodicalMachine with the same
+    table; under ``make bench`` Automat's per-call wrappers were a seventh of the reactor's
+    time and its per-instance state a good part of an open call's memory.)
+    """
+
+    __slots__ = ("key", "order", "kind", "flow", "extension", "sip", "peer", "did",
+                 "ring_at", "answer_at", "end_at", "status", "duration", "recording",
+                 "bridged", "transferred", "answered", "state")
 
     def __init__(self, key: str, order: int) -> None:
         self.key = key
@@ -73,36 +80,29 @@ class Leg:
         self.bridged: bool | None = None
         self.transferred = False
         self.answered = False
+        self.state = "new"  # new | ringing (not answered yet) | talking | ended (final)
 
-    @_machine.state(initial=True, serialized="new")
-    def new(self) -> None:
-        "Known only by its key."
+    # Inputs: each returns the signals its outputs gave ("rang", "talked", ...).
 
-    @_machine.state(serialized="ringing")
-    def ringing(self) -> None:
-        "Ringing, not answered yet."
-
-    @_machine.state(serialized="talking")
-    def talking(self) -> None:
-        "Answered, not hung up yet."
-
-    @_machine.state(serialized="ended")
-    def ended(self) -> None:
-        "Hung up; nothing changes it any more."
-
-    @_machine.input()
-    def ring(self, ev: Event, policy: Policy) -> None:
+    def ring(self, ev: Event, policy: Policy) -> list[str]:
         "The PBX rang this leg (dial-in / dial-out)."
+        return self._input("ring", ev, policy)
 
-    @_machine.input()
-    def answer(self, ev: Event, policy: Policy) -> None:
+    def answer(self, ev: Event, policy: Policy) -> list[str]:
         "The leg was answered."
+        return self._input("answer", ev, policy)
 
-    @_machine.input()
-    def hangup(self, ev: Event, policy: Policy) -> None:
+    def hangup(self, ev: Event, policy: Policy) -> list[str]:
         "The leg hung up."
+        return self._input("hangup", ev, policy)
 
-    @_machine.output()
+    def _input(self, name: str, ev: Event, policy: Policy) -> list[str]:
+        self.state, outputs = self._MACHINE[self.state, name]
+        self._learn(ev, policy)
+        return [output(self, ev) for output in outputs]
+
+    # Outputs
+
     def _learn(self, ev: Event, policy: Policy) -> None:
         # Any event may be the first we see of a leg, so each one fills what is missing.
         self.flow = self.flow or ev.flow
@@ -122,12 +122,10 @@ class Leg:
         elif ev.kind == "answer":
             self.answer_at = self.answer_at or ev.at
 
-    @_machine.output()
-    def _rang(self, ev: Event, policy: Policy) -> str:
+    def _rang(self, ev: Event) -> str:
         return "rang"
 
-    @_machine.output()
-    def _answered(self, ev: Event, policy: Policy) -> str:
+    def _answered(self, ev: Event) -> str:
         self.answered = True
         return "answered"
 
@@ -137,19 +135,16 @@ class Leg:
         self.duration = ev.duration
         self.recording = ev.recording
 
-    @_machine.output()
-    def _talked(self, ev: Event, policy: Policy) -> str:
+    def _talked(self, ev: Event) -> str:
         self._end(ev)
         self.answered = True
         return "talked"
 
-    @_machine.output()
-    def _unanswered(self, ev: Event, policy: Policy) -> str:
+    def _unanswered(self, ev: Event) -> str:
         self._end(ev)
         return "unanswered"
 
-    @_machine.output()
-    def _hung_up_unseen(self, ev: Event, policy: Policy) -> str:
+    def _hung_up_unseen(self, ev: Event) -> str:
         # The hangup came first (its ring and answer were lost or are late): its own
         # status is all there is to tell a talk from a miss.
         self._end(ev)
@@ -158,30 +153,21 @@ class Leg:
             return "talked"
         return "unseen"
 
-    new.upon(ring, enter=ringing, outputs=[_learn, _rang])
-    new.upon(answer, enter=talking, outputs=[_learn, _answered])
-    new.upon(hangup, enter=ended, outputs=[_learn, _hung_up_unseen])
-    ringing.upon(ring, enter=ringing, outputs=[_learn])
-    ringing.upon(answer, enter=talking, outputs=[_learn, _answered])
-    ringing.upon(hangup, enter=ended, outputs=[_learn, _unanswered])
-    talking.upon(ring, enter=talking, outputs=[_learn])
-    talking.upon(answer, enter=talking, outputs=[_learn])
-    talking.upon(hangup, enter=ended, outputs=[_learn, _talked])
-    ended.upon(ring, enter=ended, outputs=[_learn])
-    ended.upon(answer, enter=ended, outputs=[_learn])
-    ended.upon(hangup, enter=ended, outputs=[_learn])
-
-    @_machine.serializer()
-    def _save_state(self, state: str) -> str:
-        return state
-
-    @_machine.unserializer()
-    def _restore_state(self, state: str) -> str:
-        return state
-
-    @property
-    def state(self) -> str:
-        return self._save_state()
+    # Every state learns from every event; these are the outputs after that.
+    _MACHINE: dict[tuple[str, str], tuple[str, tuple]] = {
+        ("new", "ring"): ("ringing", (_rang,)),
+        ("new", "answer"): ("talking", (_answered,)),
+        ("new", "hangup"): ("ended", (_hung_up_unseen,)),
+        ("ringing", "ring"): ("ringing", ()),
+        ("ringing", "answer"): ("talking", (_answered,)),
+        ("ringing", "hangup"): ("ended", (_unanswered,)),
+        ("talking", "ring"): ("talking", ()),
+        ("talking", "answer"): ("talking", ()),
+        ("talking", "hangup"): ("ended", (_talked,)),
+        ("ended", "ring"): ("ended", ()),
+        ("ended", "answer"): ("ended", ()),
+        ("ended", "hangup"): ("ended", ()),
+    }
 
     @property
     def is_ended(self) -> bool:
@@ -193,28 +179,31 @@ class Leg:
         # Incoming legs, and outgoing legs a forward created for an incoming call.
         return INTERNAL if policy.is_extension(self.peer) else INCOMING
 
-    _FIELDS = ("key", "order", "kind", "flow", "extension", "sip", "peer", "did", "ring_at",
-               "answer_at", "end_at", "status", "duration", "recording", "bridged",
-               "transferred", "answered")
-
     def to_state(self) -> dict[str, Any]:
-        data = {name: getattr(self, name) for name in self._FIELDS}
-        data["state"] = self.state
-        return data
+        return {name: getattr(self, name) for name in self.__slots__}
 
     @classmethod
     def from_state(cls, data: dict[str, Any]) -> "Leg":
         leg = cls(data["key"], data["order"])
-        for name in cls._FIELDS:
+        for name in cls.__slots__:
             setattr(leg, name, data[name])
-        leg._restore_state(data["state"])
+        if leg.state not in _LEG_STATES:
+            raise ValueError(f"unknown leg state {leg.state!r}")
         return leg
 
 
-class Call:
-    """Every leg under one call key, and the rules that turn them into CRM actions."""
+_LEG_STATES = {state for state, _ in Leg._MACHINE}
 
-    _machine = MethodicalMachine()
+
+class Call:
+    """Every leg under one call key, and the rules that turn them into CRM actions.
+
+    Two states: ``open`` (legs may still ring, answer and hang up) and ``final`` (decided:
+    a missed record, if any, was produced; late legs still give their records).  Inputs:
+    ``event`` and ``expire`` (the due time passed with no further event).
+    """
+
+    __slots__ = ("tenant", "key", "legs", "started", "due", "state")
 
     def __init__(self, tenant: int, key: str) -> None:
         self.tenant = tenant
@@ -222,59 +211,28 @@ class Call:
         self.legs: dict[str, Leg] = {}
         self.started = 0  # PBX time of the first event seen, microseconds
         self.due = 0.0  # gateway time at which the call is final, if nothing else arrives
+        self.state = "open"
 
-    @_machine.state(initial=True, serialized="open")
-    def open(self) -> None:
-        "Legs may still ring, answer and hang up."
-
-    @_machine.state(serialized="final")
-    def final(self) -> None:
-        "Decided: a missed record (if any) was produced; late legs still give their records."
-
-    @_machine.input()
-    def event(self, ev: Event, policy: Policy) -> None:
-        "An event of one of this call's legs."
-
-    @_machine.input()
-    def expire(self, policy: Policy) -> None:
-        "The due time passed with no further event."
-
-    @_machine.output()
-    def _apply(self, ev: Event, policy: Policy) -> list[Effect]:
+    def event(self, ev: Event, policy: Policy) -> list[Effect]:
+        """An event of one of this call's legs."""
+        if self.state == "final":
+            return list(self._leg_effects(ev, policy, live=False))
         effects = list(self._leg_effects(ev, policy, live=True))
         self.due = ev.received + (policy.grace if self._all_ended() else policy.max_open)
         return effects
 
-    @_machine.output()
-    def _apply_late(self, ev: Event, policy: Policy) -> list[Effect]:
-        return list(self._leg_effects(ev, policy, live=False))
-
-    @_machine.output()
-    def _finalise(self, policy: Policy) -> list[Effect]:
+    def expire(self, policy: Policy) -> list[Effect]:
+        """The due time passed with no further event: decide the call."""
+        if self.state == "final":
+            return []
+        self.state = "final"
         self.due = 0.0
         missed = self._missed(policy)
         return [missed] if missed else []
 
-    @_machine.output()
-    def _nothing(self, policy: Policy) -> list[Effect]:
-        return []
-
-    open.upon(event, enter=open, outputs=[_apply], collector=lambda out: next(iter(out)))
-    final.upon(event, enter=final, outputs=[_apply_late], collector=lambda out: next(iter(out)))
-    open.upon(expire, enter=final, outputs=[_finalise], collector=lambda out: next(iter(out)))
-    final.upon(expire, enter=final, outputs=[_nothing], collector=lambda out: next(iter(out)))
-
-    @_machine.serializer()
-    def _save_state(self, state: str) -> str:
-        return state
-
-    @_machine.unserializer()
-    def _restore_state(self, state: str) -> str:
-        return state
-
     @property
     def is_final(self) -> bool:
-        return self._save_state() == "final"
+        return self.state == "final"
 
     def _all_ended(self) -> bool:
         return all(leg.is_ended for leg in self.legs.values())
@@ -369,7 +327,7 @@ class Call:
 
     def to_state(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "key": self.key, "started": self.started,
-                "due": self.due, "state": self._save_state(),
+                "due": self.due, "state": self.state,
                 "legs": [leg.to_state() for leg in self.legs.values()]}
 
     @classmethod
@@ -378,5 +336,7 @@ class Call:
         call.started = data["started"]
         call.due = data["due"]
         call.legs = {leg["key"]: Leg.from_state(leg) for leg in data["legs"]}
-        call._restore_state(data["state"])
+        if data["state"] not in ("open", "final"):
+            raise ValueError(f"unknown call state {data['state']!r}")
+        call.state = data["state"]
         return call

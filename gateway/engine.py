@@ -153,7 +153,9 @@ class Engine:
 
     async def _fold_batch(self, rows: list, due: list[tuple[int, str]]) -> None:
         now = self.clock.seconds()
-        wanted = {(ev.tenant, ev.call) for _, ev in rows} - self.calls.keys()
+        # (Not ``set - self.calls.keys()``: that copies every open call's key per batch.)
+        wanted = {(ev.tenant, ev.call) for _, ev in rows
+                  if (ev.tenant, ev.call) not in self.calls}
         if wanted:
             for key, data in (await self.store.load_calls(sorted(wanted))).items():
                 self.calls[key] = Call.from_state(data)
