@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from gateway.calls import Call, Effect, Policy
-from gateway.model import DROPPED, Action, Tenant, e164
+from gateway.model import DROPPED, Action, Event, Tenant, e164
 
 log = Logger()
 
@@ -56,6 +56,9 @@ class Engine:
         self._broken = False
         self._stopped = False
         self.retry_delay = 1.0
+        # Events just appended, by sequence number, handed over by whoever appended them:
+        # folded from here instead of being read back from the store.
+        self._fresh: dict[int, Event] = {}
 
     async def start(self) -> None:
         await self._load()
@@ -67,6 +70,7 @@ class Engine:
         self.calls.clear()
         self._timers.clear()
         self._armed.clear()
+        self._fresh.clear()
         self.cursor = await self.store.fold_cursor()
         for data in await self.store.open_calls():
             call = Call.from_state(data)
@@ -80,8 +84,16 @@ class Engine:
             self._timer.cancel()
         self._timer = None
 
-    def poke(self) -> None:
-        """New events were appended: fold them soon (coalesces many pokes into one fold)."""
+    def poke(self, appended: Iterable[tuple[int | None, Event]] = ()) -> None:
+        """New events were appended: fold them soon (coalesces many pokes into one fold).
+
+        ``appended``: the (sequence number, event) pairs the append gave (``None`` for a
+        duplicate), so the fold need not read them back; anything not handed over is read
+        from the store.
+        """
+        for seq, ev in appended:
+            if seq is not None and seq > self.cursor:
+                self._fresh[seq] = ev
         if self._running:
             self._again = True
         else:
@@ -104,7 +116,11 @@ class Engine:
                 await self._load()
             while True:
                 self._again = False
-                rows = await self.store.events_after(self.cursor, self.batch)
+                rows = self._take_fresh()
+                if not rows:
+                    rows = await self.store.events_after(self.cursor, self.batch)
+                    for seq, _ in rows:
+                        self._fresh.pop(seq, None)
                 due = self._due_calls()
                 if rows or due:
                     await self._fold_batch(rows, due)
@@ -128,6 +144,15 @@ class Engine:
             waiters, self._idle = self._idle, []
             for d in waiters:
                 d.callback(None)
+
+    def _take_fresh(self) -> list[tuple[int, Event]]:
+        """The handed-over events that follow the cursor without a gap, up to a batch."""
+        rows: list[tuple[int, Event]] = []
+        seq = self.cursor + 1
+        while seq in self._fresh and len(rows) < self.batch:
+            rows.append((seq, self._fresh.pop(seq)))
+            seq += 1
+        return rows
 
     def _due_calls(self) -> list[tuple[int, str]]:
         now = self.clock.seconds()

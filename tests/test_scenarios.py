@@ -355,3 +355,36 @@ async def test_popup_of_a_leg_that_ended_in_the_same_batch_is_not_sent(tmp_path:
                                                                             "dropped"]
     finally:
         await f.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_handed_over_are_folded_without_reading_them_back(tmp_path: Any) -> None:
+    """The webhook hands the engine what it appended; a gap is read from the store."""
+    f = await Folding(tmp_path / "fresh.sqlite",
+                      lambda t, kind, payload: altegio.supports(kind, payload)).start()
+    reads: list[int] = []
+    events_after = f.store.events_after
+
+    def counted(seq: int, limit: int) -> Any:
+        reads.append(seq)
+        return events_after(seq, limit)
+
+    f.store.events_after = counted
+    try:
+        steps = forms([dial_in("101", 0), answer("101", 5), hangup("101", 65, "ANSWER")])
+        evs = [parse_event(form, url_event, 807, f.clock.seconds())
+               for _, url_event, form in steps]
+        seqs = await f.store.append(evs[:1])
+        f.engine.poke(zip(seqs, evs[:1]))
+        await f.engine.idle()
+        assert reads == [] and [a.kind for a in f.produced] == ["popup"]
+        # The answer is appended but not handed over; the hangup is: a gap.
+        await f.store.append(evs[1:2])
+        seqs = await f.store.append(evs[2:])
+        f.engine.poke(zip(seqs, evs[2:]))
+        await f.settle(TENANT.option("grace") + 0.1)
+        assert reads and [(a.kind, a.payload.get("status")) for a in f.produced] == [
+            ("popup", None), ("record", "success")]
+        assert f.engine.cursor == (await f.store.stats())["log_head"]
+    finally:
+        await f.stop()

@@ -128,12 +128,12 @@ class PublicSite:
         except BadRequest as error:
             return self.reject(request, error)
         self.gateway.store.append([ev]).addCallbacks(
-            self._stored, self._not_stored, callbackArgs=(request,),
+            self._stored, self._not_stored, callbackArgs=(request, ev),
             errbackArgs=(request, tenant, login, ev))
         return NOT_DONE_YET
 
-    def _stored(self, _: Any, request: IRequest) -> None:
-        self.gateway.engine.poke()
+    def _stored(self, seqs: list[int | None], request: IRequest, ev: Any) -> None:
+        self.gateway.engine.poke(zip(seqs, [ev]))
         _answer(request, 200, b"text/plain", b"OK")
 
     def _not_stored(self, failure: Any, request: IRequest, tenant: Tenant, login: str,
