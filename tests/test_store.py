@@ -93,3 +93,19 @@ async def test_prune_keeps_recent_and_pending_rows(tmp_path: Any) -> None:
         assert [a.key for a in await store.pending_actions()] == ["b"]
     finally:
         await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_count_only_the_actions_an_operator_must_act_on(tmp_path: Any) -> None:
+    store = SQLiteStore(str(tmp_path / "s.sqlite"), reactor)
+    await store.start()
+    try:
+        actions = [Action(tenant=807, call=f"c{n}", kind=RECORD, key=f"record:{n}",
+                          payload={}, created=1.0, state=state)
+                   for n, state in enumerate(["pending", "done", "dead", "dead", "failed",
+                                              "dropped"])]
+        await store.commit_fold(0, [], actions, [], 1.0)
+        stats = await store.stats()
+        assert stats["actions"] == {"dead": 2, "failed": 1}
+    finally:
+        await store.stop()

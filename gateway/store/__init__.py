@@ -65,7 +65,7 @@ class IStore(Interface):
         """Delete old folded events, final calls and settled actions; fires with counts."""
 
     def stats() -> Any:
-        """Counts for health and metrics: log head, fold cursor, actions per state."""
+        """Counts for health: log head, fold cursor, and the failed and dead actions."""
 
 
 def open_store(url: str, reactor: Any) -> Any:

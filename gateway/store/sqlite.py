@@ -12,7 +12,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from gateway.model import DROPPED, PENDING, POPUP, Action, Attempt, Event, Tenant
+from gateway.model import DEAD, DROPPED, FAILED, PENDING, POPUP, Action, Attempt, Event, Tenant
 from gateway.store import IStore
 from gateway.store.schema import MIGRATIONS
 
@@ -391,8 +391,12 @@ class SQLiteStore:
             head = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             cursor = self._db.execute(
                 "SELECT COALESCE(MAX(seq), 0) FROM cursors WHERE name = 'fold'").fetchone()[0]
+            # Only the states an operator must act on: counting every settled action
+            # (kept 30 days) made /healthz scan the whole table (14 ms at 40,000 rows,
+            # on the thread every append waits for).
             states = dict(self._db.execute(
-                "SELECT state, COUNT(*) FROM actions GROUP BY state").fetchall())
+                "SELECT state, COUNT(*) FROM actions WHERE state IN (?, ?) GROUP BY state",
+                (FAILED, DEAD)).fetchall())
             return {"log_head": head, "fold_cursor": cursor, "actions": states}
         return self._run(read)
 

@@ -158,5 +158,5 @@ class PublicSite:
             "outbox_depth": self.gateway.dispatcher.depth,
             "oldest_pending_seconds": self.gateway.dispatcher.oldest_age(),
             "in_flight": self.gateway.dispatcher.in_flight,
-            "actions": stats["actions"],
+            "actions": {"pending": self.gateway.dispatcher.depth, **stats["actions"]},
         })
