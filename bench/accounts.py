@@ -11,8 +11,9 @@ Altegio counts its limit per ``crm_token`` (``--rate-limit-by account``).
 2. Start the gateway on that store: the dispatcher loads the whole backlog at once.
 3. Half a second in, a new call rings for the first tenant: how long its pop-up waits.
 
-Prints one JSON object: the achieved rate as a fraction of what the per-account limits
-allow (each account's k requests need (k - 1) / 5 s), and the pop-up's wait.
+Prints one JSON object: the rate each account achieved as a fraction of its limit (its k
+requests need (k - 1) / 5 s at best), the mean and the lowest over accounts, and the
+pop-up's wait.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from urllib.parse import parse_qsl
 from twisted.internet import defer, task
 
 from bench import sim
+from gateway import outbox
 from gateway.crm import altegio
 from gateway.engine import Engine
+from gateway.httpclient import HttpClient
 from gateway.model import POPUP, SETUP, Action, Tenant
 from gateway.protocols.telphin import parse_event
 from gateway.service import Gateway
@@ -80,7 +83,12 @@ async def build(reactor: Any, path: str, tenants: list[Tenant], records: int) ->
 
 
 async def drain(reactor: Any, path: str, crm: str, tenants: list[Tenant]) -> dict:
-    gw = Gateway(SQLiteStore(path, reactor), reactor)
+    # Every account is on the fake's one address; a real per-account CRM has a host per
+    # account.  So that the connection pool does not stand in for the CRM's limit, it
+    # keeps as many connections to that address as the dispatcher has requests in flight.
+    policy = outbox.Policy()
+    gw = Gateway(SQLiteStore(path, reactor), reactor, dispatch=policy,
+                 http=HttpClient(reactor, per_host=policy.max_in_flight))
     gw.dispatcher.limits = lambda action: [(f"account:{action.tenant}", RATE, 1)]
     sends: dict[int, list[float]] = {}
     popup: dict[str, float] = {}
@@ -112,16 +120,19 @@ async def drain(reactor: Any, path: str, crm: str, tenants: list[Tenant]) -> dic
             raise RuntimeError("the backlog did not drain in 10 minutes")
         await task.deferLater(reactor, 0.05, lambda: None)
     await gw.stopService()
-    counts = [len(v) for v in sends.values()]
+    # Each account's k requests need (k - 1) / RATE seconds at best; its achieved share of
+    # the limit is that over the time from its first to its last request.
+    shares = sorted(((len(v) - 1) / RATE) / (v[-1] - v[0]) for v in sends.values()
+                    if len(v) > 1 and v[-1] > v[0])
     first = min(v[0] for v in sends.values())
     last = max(v[-1] for v in sends.values())
-    ideal = (max(counts) - 1) / RATE
-    return {"records": sum(counts) - len(counts), "tenants": len(counts),
-            "backlog": backlog, "requests": sum(counts),
-            "seconds": round(last - first, 3), "allowed_seconds": ideal,
-            "rate_fraction": round(ideal / (last - first), 3) if last > first else 0.0,
-            "popup_wait": {"p50": round((popup["shown"] - popup["sent"]) * 1000, 1),
-                           "max": round((popup["shown"] - popup["sent"]) * 1000, 1)},
+    wait = round((popup["shown"] - popup["sent"]) * 1000, 1)
+    return {"records": sum(len(v) for v in sends.values()) - len(sends),
+            "tenants": len(sends), "backlog": backlog,
+            "seconds": round(last - first, 3),
+            "rate_fraction": round(sum(shares) / len(shares), 3),
+            "rate_fraction_min": round(shares[0], 3),
+            "popup_wait": {"p50": wait, "max": wait},
             "dispatcher": gw.dispatcher.counts}
 
 

@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", default=os.devnull, help="where the access log goes")
     parser.add_argument("--cpu", type=int, default=None, help="pin to this core")
     args = parser.parse_args(argv)
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor
+    from twisted.internet import reactor  # the default: epoll on Linux, as twistd's
 
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
