@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import random
 from typing import Any
 
@@ -85,12 +84,6 @@ class Gateway(MultiService):
         self.ready = True
         self._pruning.start(3600, now=True).addErrback(
             lambda f: log.failure("pruning stopped", f))
-        # What exists now (modules, tenants, open calls) lives as long as the process: keep
-        # it out of every later garbage collection.  A full collection of the ~60,000
-        # objects Twisted, Klein and the gateway start with took ~40 ms under make bench,
-        # and landed in the latency of whichever webhooks were waiting.
-        gc.collect()
-        gc.freeze()
         log.info("gateway ready: {tenants} tenants, {pending} actions pending",
                  tenants=len(self.tenants), pending=self.dispatcher.depth)
 

