@@ -129,7 +129,9 @@ class PublicSite:
             return self.reject(request, error)
         self.gateway.store.append([ev]).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(request, ev),
-            errbackArgs=(request, tenant, login, ev))
+            errbackArgs=(request, tenant, login, ev)).addErrback(
+            lambda f: log.failure("tenant {tenant} ({login}) call {call}: answering failed",
+                                  f, tenant=tenant.id, login=login, call=ev.call))
         return NOT_DONE_YET
 
     def _stored(self, seqs: list[int | None], request: IRequest, ev: Any) -> None:
