@@ -94,8 +94,10 @@ class Client(protocol.Protocol):
 class Load:
     def __init__(self, reactor: Any, port: int, requests: list[bytes], rate: float,
                  connections: int, duration: float,
-                 on_done: Callable[[], Any] | None = None) -> None:
+                 on_done: Callable[[], Any] | None = None,
+                 started_file: str | None = None) -> None:
         self.reactor = reactor
+        self.started_file = started_file
         self.on_done = on_done or reactor.stop
         self.port = port
         self.requests = requests
@@ -128,6 +130,9 @@ class Load:
         self.clients.append(client)
         self.idle.append(client)
         if len(self.clients) == self.want:
+            if self.started_file:
+                with open(self.started_file, "w") as f:
+                    f.write("sending\n")
             self.start = time.perf_counter()
             self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             self.reactor.callLater(self.duration, self.stop_sending)
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="calls/s the stream is drawn at when saturating")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cpu", type=int, default=None, help="pin to this core")
+    parser.add_argument("--started-file", help="written when the first request goes")
     args = parser.parse_args(argv)
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.compress, mix, args.seed, epoch=time.time())
     requests = [w.request() for w in hooks]
     from twisted.internet import reactor
-    load = Load(reactor, args.port, requests, args.rate, args.connections, args.duration)
+    load = Load(reactor, args.port, requests, args.rate, args.connections, args.duration,
+                started_file=args.started_file)
     reactor.callWhenRunning(load.run)
     reactor.run()
     print(json.dumps(load.report()))

@@ -78,14 +78,17 @@ def rss_kib(pid: int) -> int:
 
 def load(port: int, tenants: Path, calls: int, rate: float = 0.0, seconds: float = 3600.0,
          mix: str = "default", compress: float = 10.0, connections: int = 100,
-         seed: int = 1) -> dict[str, Any]:
-    """One run of the load generator (bench/load.py) in its own process."""
+         seed: int = 1, started: Path | None = None) -> dict[str, Any]:
+    """One run of the load generator (bench/load.py) in its own process; it writes
+    ``started`` when its first request goes (it first spends a while encoding them)."""
     argv = [sys.executable, "-m", "bench.load", "--port", str(port), "--tenants",
             str(tenants), "--calls", str(calls), "--rate", str(rate), "--duration",
             str(seconds), "--mix", mix, "--compress", str(compress), "--connections",
             str(connections), "--seed", str(seed)]
     if CLIENT_CPU is not None:
         argv += ["--cpu", str(CLIENT_CPU)]
+    if started is not None:
+        argv += ["--started-file", str(started)]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"load generator failed:\n{done.stderr[-3000:]}")
@@ -231,11 +234,12 @@ class Bench:
         for name, rate in (("gateway_at_50", klein * 0.5), ("gateway_at_80", klein * 0.8),
                            ("gateway_at_own_50", sat["throughput"] * 0.5)):
             rate = round(rate, 1)
-            probes = (Probes(gw, probe[0], self.plan.probes_per_second)
+            started = self.dir / f"{name}.started"
+            probes = (Probes(gw, probe[0], self.plan.probes_per_second, after=started)
                       if name != "gateway_at_80" else None)
             cpu0 = cpu_seconds(gw.proc.pid)
             run = load(gw.port, tenants, calls_for(rate, self.plan.seconds), rate=rate,
-                       seconds=self.plan.seconds, seed=len(self.results))
+                       seconds=self.plan.seconds, seed=len(self.results), started=started)
             run["server_cpu_per_1000"] = round(
                 1000 * (cpu_seconds(gw.proc.pid) - cpu0) / max(1, run["answered"]), 4)
             if probes is not None:
@@ -317,12 +321,15 @@ class Bench:
 
 
 class Probes(threading.Thread):
-    """Sends a new call's dial-in every 1/rate seconds and times its pop-up's arrival."""
+    """Sends a new call's dial-in every 1/rate seconds and times its pop-up's arrival;
+    with ``after``, only once that file exists (the load generator has begun)."""
 
     runs = 0  # each run draws new calls (a pop-up is matched by its caller's number)
 
-    def __init__(self, gw: harness.Gateway, tenant: sim.Tenant, rate: float) -> None:
+    def __init__(self, gw: harness.Gateway, tenant: sim.Tenant, rate: float,
+                 after: Path | None = None) -> None:
         super().__init__(daemon=True)
+        self.after = after
         Probes.runs += 1
         self.seed = 1000 + Probes.runs
         self.gw, self.tenant, self.interval = gw, tenant, 1 / rate
@@ -332,7 +339,10 @@ class Probes(threading.Thread):
 
     def run(self) -> None:
         rng = random.Random(self.seed)
-        while not self.halt.wait(self.interval):
+        while self.after is not None and not self.after.exists():
+            if self.halt.wait(0.05):
+                return
+        while not self.halt.is_set():
             call_id, steps = sim.call("ringing", self.tenant, rng)
             hook = sim.webhooks(self.tenant, call_id, steps, 0, 1, time.time())[0]
             phone = dict(p.split("=", 1) for p in hook.body.decode().split("&"))["CallerIDNum"]
@@ -341,6 +351,7 @@ class Probes(threading.Thread):
                 "Content-Type": "application/x-www-form-urlencoded"})
             if status == 200:
                 self.sent["+" + phone.removeprefix("%2B")] = at
+            self.halt.wait(self.interval)
 
     def finish(self, fake: harness.FakeAltegio) -> dict[str, Any]:
         self.halt.set()
@@ -397,10 +408,11 @@ def table(r: dict[str, Any], machine: dict[str, Any]) -> str:
     for key, what in (("drain_altegio", "drain, Altegio 5 req/s in all"),
                       ("drain_accounts", "drain, CRM 5 req/s per account")):
         d = r[key]
+        wait = d["popup_wait"]
         rows.append((what, f"{d['rate_fraction']:.1%} of allowed",
-                     f"{d['rejected_429']} answers 429; a new pop-up waits p50 "
-                     f"{d['popup_wait'].get('p50', 0):.0f} ms, max "
-                     f"{d['popup_wait'].get('max', 0):.0f} ms"))
+                     f"{d['rejected_429']} answers 429; a new pop-up waits "
+                     + (f"p50 {wait['p50']:.0f} ms, max {wait['max']:.0f} ms" if "p50" in wait
+                        else "(none shown)")))
     rows.append(("CPU s per 1,000 events at saturation",
                  f"{gw['server_cpu_per_1000']:.3f}",
                  f"{ratio(gw['server_cpu_per_1000'], klein['server_cpu_per_1000'])} Klein, "
