@@ -24,7 +24,6 @@ import random
 import time
 import uuid
 from typing import Any
-from urllib.parse import parse_qsl
 
 from twisted.internet import defer, task
 
@@ -52,7 +51,7 @@ def tenant(number: int, crm: str) -> Tenant:
 
 
 def events(hooks: list[sim.Webhook], now: float) -> list:
-    return [parse_event(dict(parse_qsl(hook.body.decode())), hook.event, hook.tenant, now)
+    return [parse_event(hook.fields(), hook.event, hook.tenant, now)
             for hook in hooks]
 
 

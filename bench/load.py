@@ -27,6 +27,7 @@ from array import array
 from typing import Any, Callable
 
 from twisted.internet import protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from bench import sim
 
@@ -78,8 +79,7 @@ class Client(protocol.Protocol):
                 rest = self.buf[tail + 7:]
             else:
                 at = head.find(b"content-length:")
-                length = int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0
-                                   else len(head)]) if at >= 0 else 0
+                length = int(head[at + 15:].split(b"\r\n", 1)[0]) if at >= 0 else 0
                 if len(self.buf) < body_at + length:
                     return
                 rest = self.buf[body_at + length:]
@@ -117,7 +117,6 @@ class Load:
 
     def run(self) -> None:
         factory = protocol.Factory.forProtocol(lambda: Client(self))
-        from twisted.internet.endpoints import TCP4ClientEndpoint
         endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port)
         for _ in range(self.want):
             endpoint.connect(factory).addErrback(lambda f: self.fail(f.getErrorMessage()))

@@ -345,12 +345,11 @@ class Probes(threading.Thread):
         while not self.halt.is_set():
             call_id, steps = sim.call("ringing", self.tenant, rng)
             hook = sim.webhooks(self.tenant, call_id, steps, 0, 1, time.time())[0]
-            phone = dict(p.split("=", 1) for p in hook.body.decode().split("&"))["CallerIDNum"]
             at = time.time()
             status, _ = harness.request(self.gw.port, "POST", hook.path, hook.body, {
                 "Content-Type": "application/x-www-form-urlencoded"})
             if status == 200:
-                self.sent["+" + phone.removeprefix("%2B")] = at
+                self.sent[hook.fields()["CallerIDNum"]] = at
             self.halt.wait(self.interval)
 
     def finish(self, fake: harness.FakeAltegio) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from typing import Callable, Iterable
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import attrs
 
@@ -48,6 +48,10 @@ class Webhook:
     event: str
     path: str
     body: bytes
+
+    def fields(self) -> dict[str, str]:
+        """The form fields, decoded, as the gateway reads them."""
+        return dict(parse_qsl(self.body.decode()))
 
     def request(self, host: str = "127.0.0.1") -> bytes:
         """The whole HTTP/1.1 request, for a keep-alive connection."""

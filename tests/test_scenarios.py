@@ -211,6 +211,10 @@ def forms(events: list[tuple]) -> list[tuple[float, str, dict[str, str]]]:
             for url_event, ext, at, fields in events]
 
 
+def altegio_supports(tenant: Tenant, kind: str, payload: dict) -> bool:
+    return altegio.supports(kind, payload)
+
+
 async def fold(tmp_path: Any, steps: list[tuple[float, str, dict[str, str]]],
                tenant: Tenant) -> list[dict]:
     """Run (time, URL event, form) steps through parser, engine and store; the Altegio
@@ -221,7 +225,7 @@ async def fold(tmp_path: Any, steps: list[tuple[float, str, dict[str, str]]],
     clock.advance(1_800_000_000)  # gateway time; PBX times are in the events
     produced = []
     engine = Engine(store, clock, {tenant.id: tenant}.get,
-                    lambda t, kind, payload: altegio.supports(kind, payload),
+                    altegio_supports,
                     lambda inserted, dropped: produced.extend(inserted))
     try:
         await engine.start()
@@ -343,8 +347,7 @@ async def test_a_failed_fold_loses_nothing(tmp_path: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_popup_of_a_leg_that_ended_in_the_same_batch_is_not_sent(tmp_path: Any) -> None:
     """Ring and hangup folded together: the pop-up is stored, but as dropped."""
-    f = await Folding(tmp_path / "batch.sqlite",
-                      lambda t, kind, payload: altegio.supports(kind, payload)).start()
+    f = await Folding(tmp_path / "batch.sqlite", altegio_supports).start()
     try:
         await f.append(dial_in("101", 0), hangup("101", 10, "NOANSWER"), fold=False)
         await f.settle()  # one fold for both events
@@ -360,8 +363,7 @@ async def test_popup_of_a_leg_that_ended_in_the_same_batch_is_not_sent(tmp_path:
 @pytest_twisted.ensureDeferred
 async def test_events_handed_over_are_folded_without_reading_them_back(tmp_path: Any) -> None:
     """The webhook hands the engine what it appended; a gap is read from the store."""
-    f = await Folding(tmp_path / "fresh.sqlite",
-                      lambda t, kind, payload: altegio.supports(kind, payload)).start()
+    f = await Folding(tmp_path / "fresh.sqlite", altegio_supports).start()
     reads: list[int] = []
     events_after = f.store.events_after
 
