@@ -62,4 +62,21 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX actions_leg ON actions (tenant, call, leg);
     """,
+    # 3: calls whose events could not be folded (kept with the error and their events until
+    # an operator re-folds them), and the pauses CRM hosts asked for with Retry-After (so a
+    # restart does not forget them).
+    """
+    CREATE TABLE quarantine (
+        tenant INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        at REAL NOT NULL,
+        error TEXT NOT NULL,
+        events TEXT NOT NULL,
+        PRIMARY KEY (tenant, key)
+    );
+    CREATE TABLE pauses (
+        bucket TEXT PRIMARY KEY,
+        until REAL NOT NULL
+    );
+    """,
 ]
