@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import deque
 from typing import Any, Awaitable, Callable
@@ -20,24 +21,27 @@ log = Logger()
 
 @attrs.define
 class TokenBucket:
-    """``rate`` requests per second with bursts of ``burst``; can be paused by a 429."""
+    """``rate`` requests per second with bursts of ``burst`` (a 429's pause of the whole
+    bucket is the dispatcher's, see ``Dispatcher.paused``)."""
 
     rate: float
     burst: int
     tokens: float
     stamp: float
-    paused_until: float = 0.0
 
     def wait(self, now: float) -> float:
         """Seconds until a token is available (0: now)."""
-        if now < self.paused_until:
-            return self.paused_until - now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
 
     def take(self) -> None:
         self.tokens -= 1
+
+
+def _finite_positive(instance: Any, attribute: Any, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name} must be a finite number above 0, not {value!r}")
 
 
 @attrs.frozen
@@ -47,8 +51,14 @@ class Policy:
     max_in_flight: int = 64
     max_age: float = 86400.0  # give up (dead letter) on an action this old
     popup_ttl: float = 60.0  # a pop-up older than this is dropped, never shown late
-    backoff_base: float = 1.0
-    backoff_cap: float = 900.0
+    backoff_base: float = attrs.field(default=1.0, validator=_finite_positive)
+    backoff_cap: float = attrs.field(default=900.0, validator=_finite_positive)
+    # The longest pause a CRM can ask for with Retry-After, for one action (a 503) or its
+    # whole host (a 429: every tenant on it waits).  A CRM asking for more is retried after
+    # this, and its answer decides again.  [I] 5 minutes: a CRM that really is down for an
+    # hour costs 12 refused tries, while a wrong or hostile header cannot park every
+    # tenant's pop-ups and records for an hour.
+    max_retry_after: float = attrs.field(default=300.0, validator=_finite_positive)
     recording_tries: int = 3  # tries to resolve a recording before a record goes without it
     # Buckets run this much under a CRM's stated limit: a request's arrival jitters by a few
     # milliseconds, and a CRM counting a sliding one-second window answers the early one 429
@@ -58,11 +68,23 @@ class Policy:
 
 def backoff(policy: Policy, attempts: int, rng: random.Random) -> float:
     """Exponential backoff with jitter (half fixed, half random) after ``attempts`` tries."""
-    delay = min(policy.backoff_cap, policy.backoff_base * 2 ** max(0, attempts - 1))
+    # The exponent is capped: attempts keep counting across re-drives, and 2.0 ** 1024
+    # raises OverflowError; by 2 ** 60 any backoff_cap has long been reached.
+    delay = min(policy.backoff_cap,
+                policy.backoff_base * 2.0 ** min(max(0, attempts - 1), 60))
     return delay / 2 + rng.uniform(0, delay / 2)
 
 
-# perform(action) → request summary and status, or raises Retryable / Permanent.
+def bounded_pause(seconds: float | None, limit: float) -> float | None:
+    """A pause a CRM asked for, as finite seconds in [0, ``limit``]; None if it asked for
+    none (or for nan, which means nothing)."""
+    if seconds is None or seconds != seconds:
+        return None
+    return min(max(0.0, float(seconds)), limit)
+
+
+# perform(action) → request summary and status, or raises Retryable / Permanent (any other
+# exception is a bug or a request that cannot be built: the action fails permanently).
 Perform = Callable[[Action], Awaitable[tuple[str, int, str]]]
 # limits(action) → [(bucket key, rate, burst)]: every bucket must have a token.
 Limits = Callable[[Action], list[tuple[str, float, int]]]
@@ -75,6 +97,15 @@ class Dispatcher:
     written back with its attempt.  The next action of the same call may go before that
     write commits: attempts are committed in the order they are recorded, so the store never
     shows a later action of a call settled and an earlier one pending.
+
+    Outcomes of ``perform``: success is DONE; ``Permanent`` is FAILED with the CRM's answer;
+    ``Retryable`` is tried again after a backoff (or the CRM's Retry-After, bounded by
+    ``Policy.max_retry_after``) until ``max_age``, then DEAD.  Any other exception means the
+    request cannot be built or a CRM module has a bug: retrying the same code on the same
+    action would fail the same way for a day while the call's later actions wait, so the
+    action is FAILED at once with the error recorded (re-drivable by the admin API's retry
+    after a fix).  A 429 with Retry-After pauses every bucket of the action (the whole CRM
+    host); that pause is stored, so a restart honours it, and ``paused()`` shows it.
     """
 
     def __init__(self, store: Any, clock: Any, perform: Perform, limits: Limits,
@@ -90,6 +121,7 @@ class Dispatcher:
         self._lanes: dict[tuple, list[tuple[int, int]]] = {}  # lane → heap of (priority, id)
         self._delayed: list[tuple[float, int]] = []
         self._buckets: dict[str, TokenBucket] = {}
+        self._pauses: dict[str, float] = {}  # bucket key → until (clock time) a 429 asked
         self._flying: set[int] = set()
         self._stale: set[int] = set()  # pop-ups in flight whose leg has ended meanwhile
         # A tenant's setup (enable) goes before anything else of that tenant: Altegio
@@ -104,8 +136,34 @@ class Dispatcher:
     # Feeding
 
     async def start(self) -> None:
+        await self._restore_pauses()
         self._running = True
         self.add(await self.store.pending_actions())
+
+    async def _restore_pauses(self) -> None:
+        """The host pauses stored before a restart, still running and within the bound."""
+        now = self.clock.seconds()
+        try:
+            stored = await self.store.pauses(now)
+        except Exception:
+            # A pause is advice from a CRM, not state the gateway owes anyone: start
+            # without it rather than not at all (the CRM answers 429 again if it must).
+            log.failure("stored CRM host pauses not read; starting without them")
+            return
+        for key, until in stored.items():
+            pause = bounded_pause(until - now, self.policy.max_retry_after)
+            if pause:
+                self._pauses[key] = max(self._pauses.get(key, 0.0), now + pause)
+        if self._pauses:
+            log.info("CRM hosts still paused after the restart: {paused}",
+                     paused=self.paused())
+
+    def paused(self) -> dict[str, float]:
+        """Buckets (CRM hosts or accounts) a 429 paused → seconds the pause still lasts."""
+        now = self.clock.seconds()
+        for key in [k for k, until in self._pauses.items() if until <= now]:
+            del self._pauses[key]
+        return {key: until - now for key, until in self._pauses.items()}
 
     def stop(self) -> None:
         """Start no more attempts (those in flight still finish and are recorded)."""
@@ -121,9 +179,15 @@ class Dispatcher:
 
     def add(self, actions: list[Action]) -> None:
         """New pending actions (from the fold, a restart or a re-drive)."""
+        now = self.clock.seconds()
+        # A row written before next_at was bounded may say inf (never), nan or an hour
+        # away: nothing the dispatcher sets now is further off than this.
+        latest = now + max(self.policy.backoff_cap, self.policy.max_retry_after)
         for action in actions:
             if action.id in self.actions or action.state != PENDING:
                 continue
+            if not action.next_at <= latest:
+                action.next_at = now if not math.isfinite(action.next_at) else latest
             self.actions[action.id] = action
             chain = self._chains.setdefault((action.tenant, action.call), deque())
             # Ids grow with creation, so appending keeps a call's actions in order; a
@@ -239,6 +303,12 @@ class Dispatcher:
         wait = 0.0
         specs = self.limits(action)
         for key, rate, burst in specs:
+            until = self._pauses.get(key)
+            if until is not None:
+                if until > now:
+                    wait = max(wait, until - now)
+                else:
+                    del self._pauses[key]
             bucket = self._buckets.get(key)
             if bucket is None:
                 bucket = self._buckets[key] = TokenBucket(rate * self.policy.headroom, burst,
@@ -263,19 +333,25 @@ class Dispatcher:
 
     async def _attempt(self, action: Action) -> None:
         try:
-            request, status, answer = await self.perform(action)
+            try:
+                request, status, answer = await self.perform(action)
+            finally:
+                self._flying.discard(action.id)
         except Retryable as e:
-            self._flying.discard(action.id)
             self._retry(action, e)
         except Permanent as e:
-            self._flying.discard(action.id)
             self._settle(action, FAILED, e.status, e.message, e.answer)
-        except Exception as e:  # a bug in a CRM module: keep the action, retry later
-            log.failure("action {id}: unexpected error", id=action.id)
-            self._flying.discard(action.id)
-            self._retry(action, Retryable(f"internal error: {e!r}"))
+        except Exception as e:
+            # Not a CRM's answer: the request cannot be built from this action (a value no
+            # CRM can take) or a CRM module has a bug.  The same code would fail the same
+            # way at every try, for max_age, with the call's later actions waiting behind
+            # it: failed for good now, logged once, re-drivable after a fix.
+            reason = f"cannot perform: {type(e).__name__}: {e}"[:500]
+            log.failure("tenant {tenant} call {call}: {kind} #{id} failed permanently: "
+                        "{reason}", tenant=action.tenant, call=action.call, kind=action.kind,
+                        id=action.id, reason=reason)
+            self._settle(action, FAILED, None, reason, "")
         else:
-            self._flying.discard(action.id)
             self._settle(action, DONE, status, request, answer)
         self._pump()
 
@@ -291,15 +367,15 @@ class Dispatcher:
                          counted=True)
             return
         delay = backoff(self.policy, action.attempts, self.rng)
-        if error.retry_after is not None:
-            delay = max(delay, error.retry_after)
-            if error.status == 429:
+        pause = bounded_pause(error.retry_after, self.policy.max_retry_after)
+        if pause is not None:
+            delay = max(delay, pause)
+            if error.status == 429 and pause > 0:
                 # The whole host said "slow down", not just this request.
                 for key, _, _ in self.limits(action):
-                    bucket = self._buckets.get(key)
-                    if bucket is not None:
-                        bucket.paused_until = max(bucket.paused_until,
-                                                  now + error.retry_after)
+                    self._pause(key, now + pause)
+        if not math.isfinite(delay):  # cannot happen with a valid Policy; never store inf
+            delay = self.policy.backoff_cap
         action.next_at = now + delay
         action.last_error = error.message
         self._count("retry")
@@ -307,6 +383,20 @@ class Dispatcher:
             action=action.id, at=now, outcome="retry", status=error.status,
             request=error.message, answer=error.answer[:500]))
         heapq.heappush(self._delayed, (action.next_at, action.id))
+
+    def _pause(self, key: str, until: float) -> None:
+        """Pause a bucket until ``until`` (or longer, if it already is), and store that."""
+        if until <= self._pauses.get(key, 0.0):
+            return
+        self._pauses[key] = until
+        try:
+            d = self.store.put_pause(key, until)
+        except Exception:
+            log.failure("pause of {bucket} not stored", bucket=key)
+            return
+        # Not waited for: the pause holds in memory now; storing it only lets a restart
+        # see it, and a failure costs a 429 after the restart.
+        d.addErrback(lambda f: log.failure("pause of {bucket} not stored", f, bucket=key))
 
     def _settle(self, action: Action, state: str, status: int | None, request: str,
                 answer: str, counted: bool = False) -> None:

@@ -67,6 +67,14 @@ class IStore(Interface):
     def stats() -> Any:
         """Counts for health: log head, fold cursor, and the failed and dead actions."""
 
+    def put_pause(bucket: str, until: float) -> Any:
+        """Store that a CRM rate-limit bucket (a host) is paused until ``until`` (clock
+        seconds), keeping a longer pause already stored; need not be durable."""
+
+    def pauses(now: float) -> Any:
+        """Fires with {bucket: until} of the stored pauses still running at ``now``; the
+        expired ones are deleted."""
+
 
 def open_store(url: str, reactor: Any) -> Any:
     """The store a ``--database`` URL names."""

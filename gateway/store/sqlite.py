@@ -400,6 +400,24 @@ class SQLiteStore:
             return {"log_head": head, "fold_cursor": cursor, "actions": states}
         return self._run(read)
 
+    # Pauses
+
+    def put_pause(self, bucket: str, until: float) -> Deferred:
+        """Store that a CRM bucket (host) is paused until ``until``; a longer stored pause
+        stays.  Not durable (a commit survives the process, not a power cut): a lost pause
+        costs one more 429."""
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO pauses (bucket, until) VALUES (?, ?) ON CONFLICT (bucket) "
+                       "DO UPDATE SET until = max(until, excluded.until)", (bucket, until))
+        return self._run(self._tx, write, False)
+
+    def pauses(self, now: float) -> Deferred:
+        """bucket → until of the pauses still running at ``now``; expired ones are deleted."""
+        def write(db: sqlite3.Connection) -> dict[str, float]:
+            db.execute("DELETE FROM pauses WHERE until <= ?", (now,))
+            return dict(db.execute("SELECT bucket, until FROM pauses").fetchall())
+        return self._run(self._tx, write, False)
+
 
 _ACTION_COLUMNS = ("id, tenant, call, leg, kind, key, payload, created, state, attempts, "
                    "next_at, last_error")
