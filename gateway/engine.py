@@ -1,4 +1,11 @@
-"""The fold: events from the log applied to call state machines; state and actions stored together."""
+"""The fold: events from the log applied to call state machines; state and actions stored together.
+
+A call whose events cannot be folded (its state machine raises) is quarantined: the events
+of the failed batch and every later event of that call are stored with the error instead of
+being folded, the other calls of the batch are committed as usual, and the cursor moves on,
+so one poison event never stalls the log for other calls and tenants.  An operator re-folds
+a quarantined call (``Engine.refold``) after a fix.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +66,15 @@ class Engine:
         # Events just appended, by sequence number, handed over by whoever appended them:
         # folded from here instead of being read back from the store.
         self._fresh: dict[int, Event] = {}
+        # Quarantined calls (tenant, key) → the error; their events are held, not folded.
+        self.quarantined: dict[tuple[int, str], str] = {}
+        # Calls found unreadable while loading, to be written to the quarantine with the
+        # next commit.
+        self._unreadable: dict[tuple[int, str], str] = {}
+        self._refolds: list[tuple[tuple[int, str], Deferred]] = []
+        # Why the last fold failed and since when (None while folds succeed), for /healthz.
+        self.failing_since: float | None = None
+        self.last_error = ""
 
     async def start(self) -> None:
         await self._load()
@@ -72,9 +88,20 @@ class Engine:
         self._armed.clear()
         self._fresh.clear()
         self.cursor = await self.store.fold_cursor()
+        self.quarantined = dict(await self.store.quarantined_keys())
         for data in await self.store.open_calls():
-            call = Call.from_state(data)
-            self.calls[(call.tenant, call.key)] = call
+            key = (data.get("tenant"), data.get("key"))
+            if key in self.quarantined:
+                continue
+            try:
+                call = Call.from_state(data)
+            except Exception as e:
+                self._unreadable[key] = f"stored state unreadable: {e!r}"
+                self.quarantined[key] = self._unreadable[key]
+                log.failure("tenant {tenant} call {call}: stored state unreadable; "
+                            "quarantined", tenant=key[0], call=key[1])
+                continue
+            self.calls[key] = call
             self._schedule(call)
         self._broken = False
 
@@ -100,6 +127,17 @@ class Engine:
             ensureDeferred(self._fold()).addErrback(
                 lambda f: log.failure("fold crashed outside its own error handling", f))
 
+    def refold(self, tenant: int, key: str) -> Deferred:
+        """Fold a quarantined call's held events again (after a fix).
+
+        Fires with None when the call folded, with the new error when it was quarantined
+        again, and with ``False`` when the call was not quarantined.
+        """
+        d: Deferred = Deferred()
+        self._refolds.append(((tenant, key), d))
+        self.poke()
+        return d
+
     def idle(self) -> Deferred:
         """Fires when the engine has folded everything it was poked for (tests, shutdown)."""
         d: Deferred = Deferred()
@@ -116,23 +154,38 @@ class Engine:
                 await self._load()
             while True:
                 self._again = False
+                while self._refolds:
+                    key, waiter = self._refolds.pop(0)
+                    try:
+                        result = await self._refold(key)
+                    except Exception as e:
+                        waiter.errback(e)
+                        raise
+                    waiter.callback(result)
                 rows = self._take_fresh()
                 if not rows:
                     rows = await self.store.events_after(self.cursor, self.batch)
                     for seq, _ in rows:
                         self._fresh.pop(seq, None)
                 due = self._due_calls()
-                if rows or due:
+                if rows or due or self._unreadable:
                     await self._fold_batch(rows, due)
                 if len(rows) < self.batch and not self._again:
                     break
-        except Exception:
+        except Exception as e:
             # Calls in memory may hold events whose fold was not committed: reload them
             # from the store before the next try, and try again without waiting for a
-            # webhook.
+            # webhook.  (A call's own failure never gets here: it is quarantined.  This is
+            # the store failing to read or commit.)
+            if self.failing_since is None:
+                self.failing_since = self.clock.seconds()
+            self.last_error = repr(e)
             log.failure("fold failed; retrying in {delay} s from the stored state",
                         delay=self.retry_delay)
             self._broken = True
+        else:
+            self.failing_since = None
+            self.last_error = ""
         finally:
             self._running = False
             if not self._broken:
@@ -176,50 +229,125 @@ class Engine:
             self._armed[key] = call.due
             heapq.heappush(self._timers, (call.due, call.tenant, call.key))
 
-    async def _fold_batch(self, rows: list, due: list[tuple[int, str]]) -> None:
+    async def _refold(self, key: tuple[int, str]) -> str | None | bool:
+        held = await self.store.quarantined_events(*key)
+        if held is None:
+            return False
+        self.quarantined.pop(key, None)
+        self.calls.pop(key, None)
+        # The stored state is the call before its first held event; an open call whose
+        # due time passed meanwhile is expired by the fold as usual.
+        for k, data in (await self.store.load_calls([key])).items():
+            try:
+                self.calls[k] = Call.from_state(data)
+            except Exception as e:
+                self.quarantined[key] = f"stored state unreadable: {e!r}"
+                await self._fold_batch([], [], release=[key],
+                                       hold={key: (self.quarantined[key], held)})
+                return self.quarantined[key]
+            if not self.calls[k].is_final:
+                self._schedule(self.calls[k])
+        await self._fold_batch(held, self._due_calls(), release=[key])
+        if key not in self.calls and key not in self.quarantined:
+            return None
+        return self.quarantined.get(key)
+
+    async def _fold_batch(self, rows: list, due: list[tuple[int, str]],
+                          release: list[tuple[int, str]] = (),
+                          hold: dict | None = None) -> None:
+        """Fold ``rows`` (and expire the ``due`` calls) in one transaction.
+
+        ``release``: quarantined calls whose held events these rows are (a re-fold): the
+        cursor stays, and their quarantine rows go in the same commit.
+        """
         now = self.clock.seconds()
-        # (Not ``set - self.calls.keys()``: that copies every open call's key per batch.)
-        wanted = {(ev.tenant, ev.call) for _, ev in rows
-                  if (ev.tenant, ev.call) not in self.calls}
-        if wanted:
-            for key, data in (await self.store.load_calls(sorted(wanted))).items():
-                self.calls[key] = Call.from_state(data)
+        refold = bool(release)
+        # Held events per quarantined call, and the error for newly quarantined ones.
+        held: dict[tuple[int, str], tuple[str, list]] = dict(hold or {})
+        held.update((k, (error, [])) for k, error in self._unreadable.items())
+        # This batch's events per call: a call that fails takes them to the quarantine.
+        seen: dict[tuple[int, str], list] = {}
         touched: dict[tuple[int, str], Call] = {}
-        actions: list[Action] = []
-        stale: list[tuple[int, str, str]] = []
+        produced: dict[tuple[int, str], list[Action]] = {}
+        stale: dict[tuple[int, str], list[tuple[int, str, str]]] = {}
+
+        def quarantine(key: tuple[int, str], error: BaseException) -> None:
+            # The call in memory holds this batch's uncommitted changes: forget it; the
+            # stored state is the call before them.
+            self.calls.pop(key, None)
+            self._armed.pop(key, None)
+            for pending in (touched, produced, stale):
+                pending.pop(key, None)
+            text = f"{type(error).__name__}: {error}"[:1000]
+            self.quarantined[key] = text
+            held[key] = (text, seen.pop(key, []))
+            log.failure("tenant {tenant} call {call}: cannot be folded; quarantined with "
+                        "its events (re-fold it from the admin API after a fix)",
+                        tenant=key[0], call=key[1])
 
         def emit(call: Call, effects: list[Effect], tenant: Tenant | None) -> None:
+            out = produced.setdefault((call.tenant, call.key), [])
             for effect in effects:
                 if tenant is None or not self.supports(tenant, effect.kind, effect.payload):
                     continue
-                actions.append(Action(tenant=call.tenant, call=call.key, leg=effect.leg,
-                                      kind=effect.kind, key=effect.key,
-                                      payload=effect.payload, created=now))
+                out.append(Action(tenant=call.tenant, call=call.key, leg=effect.leg,
+                                  kind=effect.kind, key=effect.key,
+                                  payload=effect.payload, created=now))
 
-        for tenant_id, key in due:
-            call = self.calls[(tenant_id, key)]
-            tenant = self.tenant(tenant_id)
-            emit(call, call.expire(self._policy(tenant_id, tenant)), tenant)
-            touched[(tenant_id, key)] = call
+        # (Not ``set - self.calls.keys()``: that copies every open call's key per batch.)
+        wanted = {(ev.tenant, ev.call) for _, ev in rows
+                  if (ev.tenant, ev.call) not in self.calls
+                  and (ev.tenant, ev.call) not in self.quarantined}
+        if wanted:
+            for key, data in (await self.store.load_calls(sorted(wanted))).items():
+                try:
+                    self.calls[key] = Call.from_state(data)
+                except Exception as e:
+                    quarantine(key, e)
+
+        for key in due:
+            call = self.calls[key]
+            try:
+                tenant = self.tenant(key[0])
+                emit(call, call.expire(self._policy(key[0], tenant)), tenant)
+            except Exception as e:
+                quarantine(key, e)
+                continue
+            touched[key] = call
         for seq, ev in rows:
             key = (ev.tenant, ev.call)
+            if key in self.quarantined:
+                held.setdefault(key, ("", []))[1].append((seq, ev))
+                continue
+            seen.setdefault(key, []).append((seq, ev))
             call = self.calls.get(key)
             if call is None:
                 call = self.calls[key] = Call(ev.tenant, ev.call)
-            tenant = self.tenant(ev.tenant)
-            policy = self._policy(ev.tenant, tenant)
-            if not call.is_final and 0 < call.due <= ev.received:
-                emit(call, call.expire(policy), tenant)
-            emit(call, call.event(ev, policy), tenant)
+            try:
+                tenant = self.tenant(ev.tenant)
+                policy = self._policy(ev.tenant, tenant)
+                if not call.is_final and 0 < call.due <= ev.received:
+                    emit(call, call.expire(policy), tenant)
+                emit(call, call.event(ev, policy), tenant)
+            except Exception as e:
+                quarantine(key, e)
+                continue
             if ev.kind == "hangup":
                 # Whatever became of it, a pop-up for a leg that has hung up is stale.
-                stale.append((ev.tenant, ev.call, ev.leg))
+                stale.setdefault(key, []).append((ev.tenant, ev.call, ev.leg))
             touched[key] = call
-        cursor = rows[-1][0] if rows else self.cursor
+        cursor = rows[-1][0] if rows and not refold else self.cursor
+        actions = [a for out in produced.values() for a in out]
         inserted, dropped = await self.store.commit_fold(
-            cursor, [c.to_state() for c in touched.values()], actions, stale, now)
+            cursor, [c.to_state() for c in touched.values()], actions,
+            [leg for legs in stale.values() for leg in legs], now,
+            held=[(t, k, error, [(seq, ev.to_row()) for seq, ev in evs])
+                  for (t, k), (error, evs) in held.items()],
+            release=list(release))
+        self._unreadable.clear()
         self.cursor = cursor
-        self.folded += len(rows)
+        if not refold:
+            self.folded += len(rows)
         if dropped:
             # A pop-up whose leg hung up within this same batch was stored and dropped at
             # once: it must not reach the dispatcher as pending.

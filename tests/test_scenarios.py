@@ -261,6 +261,7 @@ class Folding:
     def __init__(self, path: Any, supports: Any = lambda *a: True) -> None:
         self.path, self.supports = str(path), supports
         self.clock = Clock()
+        self.clock.advance(T0)  # gateway time near the PBX times in the events
         self.produced: list = []
 
     async def start(self) -> "Folding":
@@ -323,11 +324,11 @@ async def test_a_failed_fold_loses_nothing(tmp_path: Any) -> None:
     commit = f.store.commit_fold
     failures = []
 
-    def fail_once(*args: Any) -> Any:
+    def fail_once(*args: Any, **kwargs: Any) -> Any:
         if not failures:
             failures.append(args)
             raise sqlite3.OperationalError("disk I/O error")
-        return commit(*args)
+        return commit(*args, **kwargs)
 
     f.store.commit_fold = fail_once
     try:

@@ -35,10 +35,22 @@ class IStore(Interface):
     def open_calls() -> Any:
         """State of every call that is not final (to re-arm timers after a restart)."""
 
-    def commit_fold(cursor: int, calls: list, actions: list, stale_legs: list) -> Any:
+    def commit_fold(cursor: int, calls: list, actions: list, stale_legs: list, now: float,
+                    held: list, release: list) -> Any:
         """In one transaction: write call states, insert actions (ignoring ones whose
-        idempotency key exists), drop pending pop-ups of ended legs, advance the cursor.
-        Fires with (inserted actions with ids, ids of dropped pop-ups)."""
+        idempotency key exists), drop pending pop-ups of ended legs, add ``held``
+        (tenant, key, error, [(seq, event row)]) to the quarantine (joining a call's earlier
+        held events), delete the quarantine rows of ``release`` (re-folded calls), advance
+        the cursor.  Fires with (inserted actions with ids, ids of dropped pop-ups)."""
+
+    def quarantined_keys() -> Any:
+        """[((tenant, call key), error)] of every quarantined call."""
+
+    def quarantined_events(tenant: int, key: str) -> Any:
+        """A quarantined call's held (seq, Event) pairs in log order, or None."""
+
+    def quarantine(tenant: int | None, limit: int) -> Any:
+        """Quarantined calls for operators: tenant, call, at, error and held events."""
 
     def pending_actions() -> Any:
         """Every action still to deliver, oldest first."""
@@ -65,7 +77,12 @@ class IStore(Interface):
         """Delete old folded events, final calls and settled actions; fires with counts."""
 
     def stats() -> Any:
-        """Counts for health: log head, fold cursor, and the failed and dead actions."""
+        """Counts for health: log head, fold cursor, the failed and dead actions, and the
+        quarantined calls."""
+
+    def health(quiet: float) -> Any:
+        """``stats()`` plus ``commit_error`` (None when the store can commit; a test write
+        when nothing was committed for ``quiet`` seconds or the last commit failed)."""
 
     def put_pause(bucket: str, until: float) -> Any:
         """Store that a CRM rate-limit bucket (a host) is paused until ``until`` (clock

@@ -86,6 +86,10 @@ class SQLiteStore:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
         self._db: sqlite3.Connection | None = None
         self._durable = True
+        # The last write transaction's outcome, for /healthz: when it committed, and the
+        # error of the last failure (cleared by the next commit).
+        self.committed_at = 0.0
+        self.commit_error = ""
         self._appends = _GroupCommit(self, self._append_sync, batch)
         self._attempts = _GroupCommit(self, self._attempt_sync, batch)
 
@@ -139,13 +143,19 @@ class SQLiteStore:
         if durable != self._durable:
             db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._durable = durable
-        db.execute("BEGIN IMMEDIATE")
         try:
-            result = fn(db)
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            self.commit_error = f"{type(e).__name__}: {e}"
             raise
-        db.execute("COMMIT")
+        self.committed_at = self.reactor.seconds()
+        self.commit_error = ""
         return result
 
     # Event log
@@ -201,8 +211,21 @@ class SQLiteStore:
         return self._run(read)
 
     def commit_fold(self, cursor: int, calls: list[dict], actions: list[Action],
-                    stale_legs: list[tuple[int, str, str]], now: float) -> Deferred:
+                    stale_legs: list[tuple[int, str, str]], now: float,
+                    held: list[tuple[int, str, str, list]] = (),
+                    release: list[tuple[int, str]] = ()) -> Deferred:
         def write(db: sqlite3.Connection) -> tuple[list[Action], list[int]]:
+            for tenant, key in release:
+                db.execute("DELETE FROM quarantine WHERE tenant = ? AND key = ?",
+                           (tenant, key))
+            for tenant, key, error, events in held:
+                row = db.execute("SELECT error, events FROM quarantine WHERE tenant = ? "
+                                 "AND key = ?", (tenant, key)).fetchone()
+                if row:  # a call quarantined earlier: its later events join the held ones
+                    error, events = row[0], json.loads(row[1]) + events
+                db.execute("INSERT OR REPLACE INTO quarantine (tenant, key, at, error, "
+                           "events) VALUES (?, ?, ?, ?, ?)",
+                           (tenant, key, now, error or "quarantined", _dumps(events)))
             for data in calls:
                 db.execute(
                     "INSERT OR REPLACE INTO calls (tenant, key, final, updated, data) "
@@ -230,6 +253,40 @@ class SQLiteStore:
                        (cursor,))
             return inserted, dropped
         return self._run(self._tx, write, False)
+
+    # Quarantine
+
+    def quarantined_keys(self) -> Deferred:
+        """(tenant, call key) → error of every quarantined call."""
+        def read() -> list[tuple[tuple[int, str], str]]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT tenant, key, error FROM quarantine")
+            return [((tenant, key), error) for tenant, key, error in rows]
+        return self._run(read)
+
+    def quarantined_events(self, tenant: int, key: str) -> Deferred:
+        """A quarantined call's held (seq, Event) pairs, in log order; None if it is not."""
+        def read() -> list[tuple[int, Event]] | None:
+            assert self._db is not None
+            row = self._db.execute("SELECT events FROM quarantine WHERE tenant = ? AND "
+                                   "key = ?", (tenant, key)).fetchone()
+            if row is None:
+                return None
+            return sorted(((seq, Event.from_row(data)) for seq, data in json.loads(row[0])),
+                          key=lambda pair: pair[0])
+        return self._run(read)
+
+    def quarantine(self, tenant: int | None, limit: int) -> Deferred:
+        """Quarantined calls for operators, newest first, with their held events."""
+        def read() -> list[dict]:
+            assert self._db is not None
+            where, args = ("WHERE tenant = ?", [tenant]) if tenant is not None else ("", [])
+            rows = self._db.execute(f"SELECT tenant, key, at, error, events FROM quarantine "
+                                    f"{where} ORDER BY at DESC LIMIT ?", (*args, limit))
+            return [{"tenant": t, "call": k, "at": at, "error": error,
+                     "events": [{"seq": seq, **data} for seq, data in json.loads(events)]}
+                    for t, k, at, error, events in rows]
+        return self._run(read)
 
     # Outbox
 
@@ -386,19 +443,40 @@ class SQLiteStore:
         return self._run(read)
 
     def stats(self) -> Deferred:
-        def read() -> dict[str, Any]:
-            assert self._db is not None
-            head = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-            cursor = self._db.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM cursors WHERE name = 'fold'").fetchone()[0]
-            # Only the states an operator must act on: counting every settled action
-            # (kept 30 days) made /healthz scan the whole table (14 ms at 40,000 rows,
-            # on the thread every append waits for).
-            states = dict(self._db.execute(
-                "SELECT state, COUNT(*) FROM actions WHERE state IN (?, ?) GROUP BY state",
-                (FAILED, DEAD)).fetchall())
-            return {"log_head": head, "fold_cursor": cursor, "actions": states}
-        return self._run(read)
+        return self._run(self._stats_sync)
+
+    def _stats_sync(self) -> dict[str, Any]:
+        assert self._db is not None
+        head = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        cursor = self._db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM cursors WHERE name = 'fold'").fetchone()[0]
+        # Only the states an operator must act on: counting every settled action
+        # (kept 30 days) made /healthz scan the whole table (14 ms at 40,000 rows,
+        # on the thread every append waits for).
+        states = dict(self._db.execute(
+            "SELECT state, COUNT(*) FROM actions WHERE state IN (?, ?) GROUP BY state",
+            (FAILED, DEAD)).fetchall())
+        quarantined = self._db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+        return {"log_head": head, "fold_cursor": cursor, "actions": states,
+                "quarantined": quarantined}
+
+    def health(self, quiet: float) -> Deferred:
+        """``stats()`` plus ``commit_error``: None when the store can commit.
+
+        Under load the last commit says it; when nothing was committed for ``quiet``
+        seconds, or the last commit failed, a small durable write tries again (a full or
+        read-only disk fails it).
+        """
+        def check() -> dict[str, Any]:
+            if self.commit_error or self.reactor.seconds() - self.committed_at > quiet:
+                try:
+                    self._tx(lambda db: db.execute(
+                        "INSERT OR REPLACE INTO cursors (name, seq) VALUES ('health', ?)",
+                        (int(self.reactor.seconds()),)))
+                except sqlite3.Error:
+                    pass  # _tx kept the error
+            return {**self._stats_sync(), "commit_error": self.commit_error or None}
+        return self._run(check)
 
     # Pauses
 

@@ -10,11 +10,14 @@ from typing import Any, Callable
 import attrs
 from klein import Klein
 from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from gateway.errors import BadRequest
 from gateway.model import ACTION_STATES, MAX_ID, Tenant, parse_tenant
 from gateway.web import json_response
+
+log = Logger()
 
 
 def _authorised(route: Callable) -> Callable:
@@ -30,11 +33,34 @@ def _authorised(route: Callable) -> Callable:
     return check
 
 
+# An admin body is a tenant: a few levels deep and a few kilobytes.  Anything deeper or
+# larger is refused before (or instead of) parsing it.
+MAX_BODY = 256 * 1024
+MAX_DEPTH = 8
+
+
 def _body(request: IRequest) -> Any:
+    raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(raw) > MAX_BODY:
+        raise BadRequest("body", f"larger than {MAX_BODY} bytes", status=413)
     try:
-        return json.loads(request.content.read() or b"null")
+        body = json.loads(raw or b"null")
+    except RecursionError:
+        raise BadRequest("body", f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:
-        raise BadRequest("body", f"not JSON: {e}") from None
+        raise BadRequest("body", f"not JSON: {str(e)[:200]}") from None
+    if _depth(body) > MAX_DEPTH:
+        raise BadRequest("body", f"nested deeper than {MAX_DEPTH} levels")
+    return body
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    """How deeply a JSON value nests (stops counting past ``MAX_DEPTH``)."""
+    if level > MAX_DEPTH:
+        return level
+    children = (value.values() if isinstance(value, dict)
+                else value if isinstance(value, list) else ())
+    return max((_depth(child, level + 1) for child in children), default=level)
 
 
 def _id(text: str) -> int | None:
@@ -77,6 +103,15 @@ class AdminSite:
         error = failure.value
         return json_response(request, {"error": error.message, "field": error.field},
                              error.status)
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Any) -> bytes:
+        # A bug, not the caller's fault: logged with its traceback, answered as JSON (not
+        # Klein's HTML page) without the details.
+        log.failure("admin API {method} {path} failed", failure, method=request.method,
+                    path=request.path)
+        return json_response(request, {"error": "internal error; see the gateway's log",
+                                       "field": ""}, 500)
 
     async def _action(self, action_id: str) -> dict:
         number = _id(action_id)
@@ -151,6 +186,41 @@ class AdminSite:
         tenant = self._tenant(tenant_id)
         limit = _int_arg(request, "limit", 50)
         return json_response(request, await self.gateway.store.recent_calls(tenant.id, limit))
+
+    @app.route("/api/v1/quarantine", methods=["GET"])
+    @_authorised
+    async def quarantine(self, request: IRequest) -> bytes:
+        tenant = _int_arg(request, "tenant", None, top=MAX_ID)
+        limit = _int_arg(request, "limit", 100)
+        return json_response(request, await self.gateway.store.quarantine(tenant, limit))
+
+    @app.route("/api/v1/quarantine/refold", methods=["POST"])
+    @_authorised
+    async def refold_all(self, request: IRequest) -> bytes:
+        only = _int_arg(request, "tenant", None, top=MAX_ID)
+        keys = [key for key in list(self.gateway.engine.quarantined)
+                if only is None or key[0] == only]
+        folded, again = [], []
+        for tenant, call in keys:
+            error = await self.gateway.engine.refold(tenant, call)
+            if error is None:
+                folded.append({"tenant": tenant, "call": call})
+            elif error is not False:
+                again.append({"tenant": tenant, "call": call, "error": error})
+        return json_response(request, {"folded": folded, "quarantined": again})
+
+    @app.route("/api/v1/quarantine/<tenant_id>/<call>/refold", methods=["POST"])
+    @_authorised
+    async def refold(self, request: IRequest, tenant_id: str, call: str) -> bytes:
+        tenant = _id(tenant_id)
+        error = (await self.gateway.engine.refold(tenant, call) if tenant is not None
+                 else False)
+        if error is False:
+            raise BadRequest("call", f"no quarantined call {call[:80]!r} of tenant "
+                             f"{tenant_id[:20]}", status=404)
+        if error is not None:
+            return json_response(request, {"folded": False, "error": error})
+        return json_response(request, {"folded": True})
 
     @app.route("/api/v1/actions", methods=["GET"])
     @_authorised

@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import parse_qs, parse_qsl, unquote
 
 from klein import Klein
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -18,6 +19,11 @@ from gateway.protocols import telphin
 from gateway.web import json_response
 
 log = Logger()
+
+# /healthz answers within this many seconds, even when the disk hangs.
+HEALTH_TIMEOUT = 2.0
+# With no commit for this long, /healthz tries a small write to see the store can commit.
+HEALTH_QUIET = 5.0
 
 
 def _form(request: IRequest, max_body: int) -> dict[str, str]:
@@ -147,18 +153,42 @@ class PublicSite:
 
     @app.route("/healthz", methods=["GET"])
     async def healthz(self, request: IRequest) -> bytes:
-        if not self.gateway.ready:
-            return json_response(request, {"ok": False, "error": "starting"}, 503)
+        """Whether webhooks are stored (503 when not) and whether anything needs an
+        operator (``ok`` false, with ``problems``), answered within ``HEALTH_TIMEOUT``."""
+        gw = self.gateway
+        if not gw.ready:
+            return json_response(request, {"ok": False, "problems": ["starting"]}, 503)
         try:
-            stats = await self.gateway.store.stats()
+            stats = await gw.store.health(HEALTH_QUIET).addTimeout(HEALTH_TIMEOUT,
+                                                                   gw.reactor)
         except Exception as e:
-            return json_response(request, {"ok": False, "error": f"store: {e}"}, 503)
-        return json_response(request, {
-            "ok": True,
-            "fold_lag_events": stats["log_head"] - self.gateway.engine.cursor,
-            "open_calls": len(self.gateway.engine.calls),
-            "outbox_depth": self.gateway.dispatcher.depth,
-            "oldest_pending_seconds": self.gateway.dispatcher.oldest_age(),
-            "in_flight": self.gateway.dispatcher.in_flight,
-            "actions": {"pending": self.gateway.dispatcher.depth, **stats["actions"]},
-        })
+            error = (f"no answer within {HEALTH_TIMEOUT:g} s" if isinstance(
+                e, (defer.TimeoutError, defer.CancelledError)) else repr(e))
+            return json_response(request, {"ok": False, "problems": [f"store: {error}"]},
+                                 503)
+        problems = []
+        if stats["commit_error"]:
+            problems.append(f"store cannot commit: {stats['commit_error']}")
+        engine = gw.engine
+        if engine.failing_since is not None:
+            problems.append(f"fold failing for {gw.reactor.seconds() - engine.failing_since:.0f}"
+                            f" s: {engine.last_error}")
+        if stats["quarantined"]:
+            problems.append(f"{stats['quarantined']} calls quarantined")
+        paused = gw.dispatcher.paused()
+        body = {
+            "ok": not problems,
+            "fold_lag_events": stats["log_head"] - engine.cursor,
+            "open_calls": len(engine.calls),
+            "quarantined_calls": stats["quarantined"],
+            "outbox_depth": gw.dispatcher.depth,
+            "oldest_pending_seconds": gw.dispatcher.oldest_age(),
+            "in_flight": gw.dispatcher.in_flight,
+            "actions": {"pending": gw.dispatcher.depth, **stats["actions"]},
+            "paused_hosts": {host: round(left, 1) for host, left in paused.items()},
+        }
+        if problems:
+            body["problems"] = problems
+        # 503 only when webhooks are not being stored: a load balancer should keep sending
+        # to a gateway that stores them, even while a call waits in the quarantine.
+        return json_response(request, body, 503 if stats["commit_error"] else 200)
