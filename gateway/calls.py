@@ -32,11 +32,14 @@ class Policy:
     # A call with a leg that never hung up is closed after this long.
     max_open: float = 4 * 3600.0
     # A number of at most this many digits (or with the PBX's ``prefix*`` form) is one of
-    # the tenant's own extensions, not an outside party.  [I]
+    # the tenant's own extensions, not an outside party; a ``+`` number never is.  [I]
     extension_digits: int = 5
 
     def is_extension(self, number: str) -> bool:
-        return "*" in number or 0 < len(digits(number)) <= self.extension_digits
+        if "*" in number:
+            return True
+        return (not number.lstrip().startswith("+")
+                and 0 < len(digits(number)) <= self.extension_digits)
 
 
 @attrs.frozen

@@ -145,22 +145,13 @@ RULES: dict[str, tuple[list[tuple], list[dict], dict]] = {
         outgoing("1234567"),
         [history("101", "success", 45, 0, leg("101"), type="outgoing", phone="+1234567")],
         {}),
-}
-
-# Rules the landed code breaks: kept, expected to fail until the code (or the rule) changes.
-BROKEN = {
     "a short '+' number is an outside number, not an own extension": (
         outgoing("+12345"),
         [history("101", "success", 45, 0, leg("101"), type="outgoing", phone="+12345")],
-        {},
-        "Policy.is_extension counts digits only: '+12345' has 5, so it is taken for an "
-        "extension and the call for internal (README [I] says 'at most 5 digits'; a '+' "
-        "never prefixes an extension)"),
+        {}),
 }
 
-PARAMS = [pytest.param(name, *row, id=name) for name, row in RULES.items()] + [
-    pytest.param(name, *row[:3], id=name, marks=pytest.mark.xfail(strict=True, reason=row[3]))
-    for name, row in BROKEN.items()]
+PARAMS = [pytest.param(name, *row, id=name) for name, row in RULES.items()]
 
 
 @pytest.mark.parametrize("name, events, expected, changes", PARAMS)
