@@ -166,9 +166,29 @@ class Gateway(MultiService):
 
     # Tenants (the admin API goes through here so the directory and the store agree)
 
+    def crm_accounts(self) -> dict[tuple[str, str], list[int]]:
+        """Live (enabled, not deleted) tenants by the CRM account their config names."""
+        out: dict[tuple[str, str], list[int]] = {}
+        for t in self.tenants.values():
+            if t.enabled and not t.deleted:
+                out.setdefault((t.crm.kind, CRMS[t.crm.kind].account(t)), []).append(t.id)
+        return out
+
+    def sharing(self, tenant: Tenant,
+                accounts: dict[tuple[str, str], list[int]] | None = None) -> list[int]:
+        """The other live tenants on the same CRM account as ``tenant``."""
+        if accounts is None:
+            accounts = self.crm_accounts()
+        key = (tenant.crm.kind, CRMS[tenant.crm.kind].account(tenant))
+        return sorted(i for i in accounts.get(key, ()) if i != tenant.id)
+
     async def save_tenant(self, tenant: Tenant, previous: Tenant | None) -> None:
         """Store a tenant, queueing ``setup`` when its CRM integration must be (re)enabled
-        or disabled."""
+        or disabled.
+
+        Several tenants may share one CRM account (one Altegio chain, several PBX
+        accounts): the account is switched off only when no other enabled tenant uses it.
+        """
         now = self.reactor.seconds()
         was_on = previous is not None and previous.enabled and not previous.deleted
         is_on = tenant.enabled and not tenant.deleted
@@ -178,6 +198,12 @@ class Gateway(MultiService):
             setup = "enable"
         elif was_on and not is_on:
             setup = "disable"
+            others = self.sharing(tenant)
+            if others:
+                setup = None
+                log.info("tenant {tenant} ({login}) switched off; its CRM account stays on "
+                         "for tenants {others}", tenant=tenant.id, login=tenant.pbx.login,
+                         others=others)
         action = None
         if setup:
             action = Action(tenant=tenant.id, call="", kind=SETUP,

@@ -25,6 +25,12 @@ def supports(kind: str, payload: dict[str, Any]) -> bool:
     return kind in (RECORD, SETUP)
 
 
+def account(tenant: Tenant) -> str:
+    """The Altegio account a tenant's config names: the chain (``crm_token``) on its host.
+    Tenants sharing it share its ``setup`` switch."""
+    return f"{hyperlink.URL.from_text(tenant.crm.api_url).host}/{tenant.crm.crm_token}"
+
+
 def limits(tenant: Tenant) -> list[tuple[str, float, int]]:
     """One bucket per Altegio host, shared by all tenants."""
     return [(f"altegio:{hyperlink.URL.from_text(tenant.crm.api_url).host}", RATE, BURST)]

@@ -120,6 +120,10 @@ class AdminSite:
             raise BadRequest("id", f"no action {action_id[:20]}", status=404)
         return found
 
+    def _shown(self, tenant: Tenant, accounts: dict | None = None) -> dict[str, Any]:
+        """A tenant as answered: no secrets, and the other tenants on its CRM account."""
+        return {**tenant.to_json(), "crm_shared_with": self.gateway.sharing(tenant, accounts)}
+
     def _tenant(self, tenant_id: str) -> Tenant:
         tenant = self.gateway.tenants.get(_id(tenant_id))
         if tenant is None or tenant.deleted:
@@ -136,7 +140,7 @@ class AdminSite:
             if existing is not None and not existing.deleted:
                 raise BadRequest("id", f"tenant {tenant.id} exists", status=409)
             await self.gateway.save_tenant(tenant, existing)
-        out = tenant.to_json()
+        out = self._shown(tenant)
         if not (isinstance(body, dict) and body.get("key")):
             # A generated key is shown this once, so the operator can build the PBX URLs.
             out["key"] = tenant.key
@@ -146,13 +150,15 @@ class AdminSite:
     @app.route("/api/v1/tenants", methods=["GET"])
     @_authorised
     def list_tenants(self, request: IRequest) -> bytes:
-        return json_response(request, [t.to_json() for t in self.gateway.tenants.values()
+        accounts = self.gateway.crm_accounts()
+        return json_response(request, [self._shown(t, accounts)
+                                       for t in self.gateway.tenants.values()
                                        if not t.deleted])
 
     @app.route("/api/v1/tenants/<tenant_id>", methods=["GET"])
     @_authorised
     def show(self, request: IRequest, tenant_id: str) -> bytes:
-        return json_response(request, self._tenant(tenant_id).to_json())
+        return json_response(request, self._shown(self._tenant(tenant_id)))
 
     @app.route("/api/v1/tenants/<tenant_id>", methods=["PATCH"])
     @_authorised
@@ -162,7 +168,7 @@ class AdminSite:
             current = self._tenant(tenant_id)
             tenant = parse_tenant(body, current)
             await self.gateway.save_tenant(tenant, current)
-        out = tenant.to_json()
+        out = self._shown(tenant)
         if tenant.key != current.key and not body.get("key"):
             # ``"key": null`` (or "") asks for a new generated key: shown this once, like
             # at creation, or the PBX could never be given it.
