@@ -10,7 +10,7 @@ import hyperlink
 
 from gateway.errors import Permanent, Retryable
 from gateway.httpclient import HttpClient, Response, retry_after
-from gateway.model import POPUP, RECORD, SETUP, Action, Tenant, e164
+from gateway.model import POPUP, RECORD, SETUP, Action, Tenant, digits, e164
 
 ACCEPT = "application/vnd.api.v2+json"
 # Altegio allows 5 requests/s per source IP, whatever tenant they are for.  No burst: a
@@ -19,10 +19,18 @@ RATE, BURST = 5.0, 1
 
 
 def supports(kind: str, payload: dict[str, Any]) -> bool:
-    """Altegio has incoming pop-ups, history and setup; no close, no answered, no contacts."""
+    """Altegio has incoming pop-ups, history and setup; no close, no answered, no contacts.
+
+    ``event`` and ``history`` require the client's ``phone`` (altegio.md §2.1, §2.2), so a
+    pop-up or a record of a call with no client number (an anonymous caller, an outgoing
+    leg with no dialled number) is not made at all: Altegio would refuse it, a pop-up
+    without a number shows no client, and a history entry it cannot attach to any client
+    is no history.  [I]"""
     if kind == POPUP:
-        return payload.get("direction") == "incoming"
-    return kind in (RECORD, SETUP)
+        return payload.get("direction") == "incoming" and bool(_client(payload))
+    if kind == RECORD:
+        return bool(_client(payload))
+    return kind == SETUP
 
 
 def account(tenant: Tenant) -> str:
@@ -42,6 +50,15 @@ def _plus(number: str) -> str:
     return f"+{bare}" if len(bare) > 6 else number
 
 
+def _client(payload: dict[str, Any]) -> str:
+    """The client's number, or "" when there is none: empty, blank, or with no digit at all
+    (a withheld caller id such as ``anonymous``) is not a phone Altegio can use."""
+    client = payload.get("client")
+    if not isinstance(client, str) or not digits(client):
+        return ""
+    return client.strip()
+
+
 def _user(tenant: Tenant, payload: dict[str, Any]) -> str:
     return payload["sip"] if tenant.routing == "sip" else payload["extension"]
 
@@ -57,9 +74,14 @@ def build(tenant: Tenant, action: Action, link: str | None = None) -> dict[str, 
     base = {"crm_token": tenant.crm.crm_token}
     if action.kind == SETUP:
         return {"command": "setup", "type": p["type"], **base}
+    client = _client(p)
+    if not client:
+        # supports() keeps these out of the outbox; one queued before it did is refused
+        # here, without a request Altegio would answer 422.
+        raise ValueError("no client number: Altegio requires phone")
     diversion = _plus(p["did"] or tenant.option("default_number"))
     body = {"command": "event" if action.kind == POPUP else "history", "type": p["direction"],
-            **base, "phone": _plus(p["client"]), "diversion": diversion}
+            **base, "phone": _plus(client), "diversion": diversion}
     user = _user(tenant, p)
     if user:
         body["user"] = user
@@ -72,10 +94,21 @@ def build(tenant: Tenant, action: Action, link: str | None = None) -> dict[str, 
     return body
 
 
+def _reason(error: Exception) -> str:
+    text = str(error) or "no detail"
+    return f"{type(error).__name__}: {text[:200]}"
+
+
 async def perform(http: HttpClient, tenant: Tenant, action: Action,
                   link: str | None = None) -> tuple[str, Response]:
     """Send one action; returns (request summary, answer) or raises Retryable/Permanent."""
-    body = build(tenant, action, link)
+    try:
+        body = build(tenant, action, link)
+    except Exception as e:
+        # build() is pure: what fails now (a date out of range, a missing payload key, an
+        # unknown timezone) fails on every try, so it is a permanent failure with its
+        # reason, re-drivable after a fix, never retried for --max-age.
+        raise Permanent(f"cannot build the request: {_reason(e)}") from e
     url = f"{tenant.crm.api_url}/api/v1/voip/integration"
     summary = f"POST {url} {body['command']}/{body['type']}" + (
         f" call_id={body['call_id']}" if "call_id" in body else "")

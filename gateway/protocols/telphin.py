@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import re
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -17,13 +19,73 @@ log = Logger()
 EVENT_KINDS = {"dial-in": "ring", "dial-out": "ring", "answer": "answer", "hangup": "hangup"}
 
 
+# Bounds on what a webhook may carry, checked before the event is stored; a value outside
+# them is a 400 naming the field, so nothing the fold or a CRM request cannot handle is
+# ever stored.  [I]
+# EventTime may lag the gateway's clock by this much (seconds): late and replayed events,
+# with years to spare; anything older (EventTime=0 is 1970) is a broken PBX clock.
+MAX_EVENT_AGE = 3653 * 86400
+# ... and lead it by this much: clock skew, even a PBX sending local time as if it were
+# UTC (at most 14 hours off); beyond it the time is not a real one.
+MAX_EVENT_LEAD = 86400
+# The longest talk time (microseconds) a leg may report: two days, far past any real call
+# and far inside what the record's seconds and Altegio's ``duration`` can carry.
+MAX_DURATION = 2 * 86400 * 1_000_000
+# CallID (32 hex), SubCallID and RecID (``<id>-<32 hex>``), CallBackID: ids are under 64
+# characters in every sample; twice that leaves room for a format change, not for abuse.
+MAX_ID = 128
+# Numbers and extensions (``+79161234567``, ``7001*101@sipproxy.telphin.ru``): E.164 is at
+# most 15 digits, a SIP extension with its domain a few dozen characters.
+MAX_NUMBER = 64
+# CallStatus: the longest Telphin sends is ``CHANUNAVAIL`` (11).
+MAX_STATUS = 32
+
+# C0 controls, DEL and C1 controls: never part of an id, a number or a status.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The string fields parse_event uses, each with its length bound and whether it is a number:
+# numbers lose surrounding whitespace, and one that is only whitespace is the same as absent
+# (an empty number is never forwarded to a CRM).
+_TEXTS = (("CallID", MAX_ID, False), ("SubCallID", MAX_ID, False), ("RecID", MAX_ID, False),
+          ("CallBackID", MAX_ID, False), ("CallStatus", MAX_STATUS, False),
+          *((name, MAX_NUMBER, True) for name in (
+              "CallerIDNum", "CalledDID", "CalledNumber", "CalledExtension", "CallerExtension",
+              "RemoteNumber")))
+
+
 def _extension(value: str) -> tuple[str, str]:
     """``7001*101@sipproxy.telphin.ru`` → (``101``, ``7001*101``); plain ``101`` stays."""
     sip = value.split("@", 1)[0]
     return sip.rsplit("*", 1)[-1], sip
 
 
-def _int(fields: Mapping[str, str], name: str, required: bool) -> int:
+def _texts(fields: Mapping[str, str]) -> dict[str, str]:
+    """The string fields of ``_TEXTS``, "" when absent: each at most its limit as sent (the
+    lengths first, so a long value costs nothing more), none with a control character."""
+    get = fields.get
+    texts = {}
+    for name, limit, number in _TEXTS:
+        value = get(name)
+        if value:
+            if len(value) > limit:
+                raise BadRequest(name, f"longer than {limit} characters ({len(value)})")
+            texts[name] = value.strip() if number else value
+        else:
+            texts[name] = ""
+    # One scan of them all, and which field only when it fails.  For ASCII (every real
+    # event) isprintable() is exactly "no control character", and cheaper than the regex.
+    joined = "".join(texts.values())
+    if not (joined.isascii() and joined.isprintable()) and _CONTROL.search(joined):
+        for name, value in texts.items():
+            if _CONTROL.search(value):
+                raise BadRequest(name, "contains a control character")
+    return texts
+
+
+def _int(fields: Mapping[str, str], name: str, required: bool, low: int, high: int,
+         bounds: Callable[[], str]) -> int:
+    """A whole number of ASCII digits within [low, high]; ``bounds()`` says what they mean
+    (called for the error only: the common case formats nothing).  The digits are counted
+    before ``int()``, so thousands of them are a 400, not int()'s ValueError (a 500)."""
     value = fields.get(name, "")
     if not value:
         if required:
@@ -31,12 +93,35 @@ def _int(fields: Mapping[str, str], name: str, required: bool) -> int:
         return 0
     if not (value.isascii() and value.isdigit()):
         raise BadRequest(name, f"must be a whole number of microseconds, got {value[:40]!r}")
-    return int(value)
+    significant = value.lstrip("0")
+    if len(significant) > len(str(high)):
+        raise BadRequest(name, f"out of range ({len(value)} digits): {bounds()}")
+    number = int(significant or "0")
+    if not low <= number <= high:
+        raise BadRequest(name, f"out of range ({number}): {bounds()}")
+    return number
+
+
+def _utc(micros: int) -> str:
+    return datetime.fromtimestamp(micros // 1_000_000, timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _event_time(fields: Mapping[str, str], received: float) -> int:
+    low = max(1, int((received - MAX_EVENT_AGE) * 1_000_000))
+    high = int((received + MAX_EVENT_LEAD) * 1_000_000)
+    return _int(fields, "EventTime", True, low, high, lambda: (
+        f"microseconds since the epoch from {_utc(low)} to {_utc(high)} "
+        f"({MAX_EVENT_AGE // 86400} days before to {MAX_EVENT_LEAD // 3600} hours after "
+        "the gateway's clock)"))
 
 
 def parse_event(fields: Mapping[str, str], url_event: str, tenant: int,
                 received: float) -> Event:
-    """One Telphin call event (form fields, first value of each) as a normalised event."""
+    """One Telphin call event (form fields, first value of each) as a normalised event.
+
+    Every field it uses is bounded here (lengths, control characters, numeric ranges), so
+    an event that is stored can always be folded and sent; anything else is BadRequest."""
     if url_event not in EVENT_KINDS:
         raise BadRequest("event", f"unknown event {url_event[:40]!r}; expected one of "
                          + ", ".join(EVENT_KINDS), status=404)
@@ -45,8 +130,9 @@ def parse_event(fields: Mapping[str, str], url_event: str, tenant: int,
         raise BadRequest("EventType", f"unknown event type {event_type[:40]!r}")
     if event_type != url_event:
         raise BadRequest("EventType", f"{event_type!r} arrived on the URL for {url_event!r}")
+    text = _texts(fields)
     for name in ("CallID", "SubCallID"):
-        if not fields.get(name):
+        if not text[name]:
             raise BadRequest(name, "required")
     flow = fields.get("CallFlow", "").lower()
     if flow not in ("in", "out"):
@@ -58,30 +144,31 @@ def parse_event(fields: Mapping[str, str], url_event: str, tenant: int,
     if bridged_text not in ("", "yes", "no"):
         raise BadRequest("Bridged", "must be yes or no")
     if flow == "in":
-        extension, sip = _extension(fields.get("CalledExtension") or fields.get("CalledNumber", ""))
+        extension, sip = _extension(text["CalledExtension"] or text["CalledNumber"])
         # After an internal transfer the outside party is RemoteNumber, not the caller.
-        peer = fields.get("RemoteNumber") or fields.get("CallerIDNum", "")
+        peer = text["RemoteNumber"] or text["CallerIDNum"]
     else:
-        extension, sip = _extension(fields.get("CallerExtension") or fields.get("CallerIDNum", ""))
-        peer = fields.get("CalledNumber", "")
+        extension, sip = _extension(text["CallerExtension"] or text["CallerIDNum"])
+        peer = text["CalledNumber"]
     return Event(
         tenant=tenant,
-        call=fields["CallID"].lower(),
-        leg=fields["SubCallID"],
+        call=text["CallID"].lower(),
+        leg=text["SubCallID"],
         kind=EVENT_KINDS[event_type],
         flow=flow,
-        at=_int(fields, "EventTime", required=True),
+        at=_event_time(fields, received),
         received=received,
         extension=extension,
         sip=sip,
         peer=peer,
-        did=fields.get("CalledDID", ""),
-        status=fields.get("CallStatus", "").upper(),
-        duration=_int(fields, "Duration", required=False),
-        recording=fields.get("RecID", ""),
+        did=text["CalledDID"],
+        status=text["CallStatus"].upper(),
+        duration=_int(fields, "Duration", False, 0, MAX_DURATION, lambda: (
+            f"at most {MAX_DURATION} microseconds ({MAX_DURATION // 3_600_000_000} hours)")),
+        recording=text["RecID"],
         bridged={"yes": True, "no": False}.get(bridged_text),
         transferred=fields.get("Transfered", "").lower() == "yes",
-        callback=fields.get("CallBackID", ""),
+        callback=text["CallBackID"],
     )
 
 
