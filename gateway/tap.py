@@ -10,9 +10,12 @@ from typing import Any
 
 from twisted.python import usage
 
-from gateway import outbox
+from gateway import outbox, web
 from gateway.service import Gateway
 from gateway.store import open_store
+
+# Webhook bodies are a few hundred bytes; a body is held in memory while it arrives.
+MAX_MAX_BODY = 16 * 1024 * 1024
 
 
 class Options(usage.Options):
@@ -38,15 +41,29 @@ class Options(usage.Options):
         ["max-in-flight", None, 64, "Most CRM requests in flight at once.", int],
         ["max-body", None, 65536, "Largest webhook body accepted, in bytes (413 above).",
          int],
+        ["request-deadline", None, web.REQUEST_DEADLINE,
+         "Seconds a client has to send a whole request (line, headers, body) from its "
+         "first byte; 408 and the connection closed after.", float],
+        ["max-connections-per-ip", None, web.MAX_PER_SOURCE,
+         "Most connections one source address may hold on each site (503 for more); "
+         "0: no cap (e.g. behind a reverse proxy).", int],
     ]
 
     def postOptions(self) -> None:
         if not self["database"].startswith("sqlite:"):
             raise usage.UsageError(f"--database: unsupported URL {self['database']!r} "
                                    "(use sqlite:PATH)")
-        for name in ("max-age", "popup-ttl", "max-in-flight", "max-body"):
-            if self[name] <= 0:
+        for name in ("max-age", "popup-ttl", "max-in-flight", "max-body",
+                     "request-deadline"):
+            if not self[name] > 0:  # NaN too
                 raise usage.UsageError(f"--{name} must be positive")
+        if self["max-body"] > MAX_MAX_BODY:
+            # Bodies are held in memory while they arrive (never spooled to disk).
+            raise usage.UsageError(f"--max-body: at most {MAX_MAX_BODY} bytes")
+        if self["request-deadline"] > 3600:
+            raise usage.UsageError("--request-deadline: at most 3600 seconds")
+        if self["max-connections-per-ip"] < 0:
+            raise usage.UsageError("--max-connections-per-ip must be 0 (no cap) or positive")
 
 
 def admin_token(path: str) -> str:
@@ -86,7 +103,7 @@ def makeService(options: Options) -> Gateway:
     from twisted.internet import reactor
 
     tune_gc()
-    return Gateway(
+    gateway = Gateway(
         store=open_store(options["database"], reactor),
         reactor=reactor,
         listen=options["listen"],
@@ -96,3 +113,7 @@ def makeService(options: Options) -> Gateway:
                                max_in_flight=options["max-in-flight"]),
         max_body=options["max-body"],
     )
+    # Read by Gateway.start() when it builds the two sites (gateway.web.site).
+    gateway.request_deadline = options["request-deadline"]
+    gateway.max_connections_per_ip = options["max-connections-per-ip"]
+    return gateway

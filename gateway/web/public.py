@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET
 from gateway.errors import BadRequest
 from gateway.model import Tenant
 from gateway.protocols import telphin
-from gateway.web import json_response
+from gateway.web import json_response, loggable_uri
 
 log = Logger()
 
@@ -100,6 +100,8 @@ class PublicSite:
             raise BadRequest("tenant", f"no tenant {tenant_id[:20]} with PBX login "
                              f"{login[:40]}", status=404)
         # The key is part of the URL the PBX was given; a body field cannot stand in for it.
+        # Its name is read as any form parser reads it, percent-decoded: ``?%6bey=`` is the
+        # key too (and is masked in the logs like ``?key=``, gateway.web.mask).
         query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
         keys = parse_qs(query.decode("latin-1"), errors="replace").get("key") or [""]
         if not hmac.compare_digest(keys[0].encode(), tenant.key.encode()):
@@ -111,8 +113,10 @@ class PublicSite:
     def reject(self, request: IRequest, error: BadRequest) -> bytes:
         request.setResponseCode(error.status)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        log.info("rejected {method} {path}: {status} {error}", method=request.method,
-                 path=request.path, status=error.status, error=str(error))
+        # Never the raw URI: its query holds the tenant's key (loggable_uri masks it).
+        log.info("rejected {method} {uri}: {status} {error}",
+                 method=request.method.decode("ascii", "backslashreplace"),
+                 uri=loggable_uri(request), status=error.status, error=str(error))
         return f"{error}\n".encode()
 
     def telphin_event(self, request: IRequest) -> bytes | int:
@@ -120,6 +124,9 @@ class PublicSite:
         if request.method not in (b"GET", b"POST"):
             request.setResponseCode(405)
             request.setHeader(b"Allow", b"GET, POST")
+            # No body for HEAD: twisted.web would log a warning (with the request) for one.
+            if request.method == b"HEAD":
+                return b""
             return b"method not allowed: use GET or POST\n"
         try:
             if len(request.postpath) != 4:
