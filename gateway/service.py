@@ -11,7 +11,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway import outbox
+from gateway import outbox, web
 from gateway.crm import altegio
 from gateway.engine import Engine
 from gateway.errors import Permanent, Retryable
@@ -35,6 +35,8 @@ class Gateway(MultiService):
     def __init__(self, store: Any, reactor: Any, listen: str | None = None,
                  admin_listen: str | None = None, admin_token: str = "",
                  dispatch: outbox.Policy = outbox.Policy(), max_body: int = 64 * 1024,
+                 request_deadline: float = web.REQUEST_DEADLINE,
+                 max_connections_per_ip: int = web.MAX_PER_SOURCE,
                  http: HttpClient | None = None, rng: random.Random | None = None) -> None:
         super().__init__()
         self.store = store
@@ -43,6 +45,8 @@ class Gateway(MultiService):
         self.admin_listen = admin_listen
         self.admin_token = admin_token
         self.max_body = max_body
+        self.request_deadline = request_deadline
+        self.max_connections_per_ip = max_connections_per_ip
         self.tenants: dict[int, Tenant] = {}
         self.http = http or HttpClient(reactor)
         self.telphin = TelphinClient(self.http, reactor)
@@ -73,12 +77,16 @@ class Gateway(MultiService):
             self.tenants[tenant.id] = tenant
         await self.engine.start()
         await self.dispatcher.start()
-        from gateway.web import admin, public, site
+        from gateway.web import admin, public
 
-        for description, resource in ((self.listen, public.PublicSite(self).resource()),
-                                      (self.admin_listen, admin.AdminSite(self).resource())):
+        limits = {"deadline": self.request_deadline,
+                  "max_per_source": self.max_connections_per_ip, "reactor": self.reactor}
+        for description, resource, max_body in (
+                (self.listen, public.PublicSite(self).resource(), self.max_body),
+                (self.admin_listen, admin.AdminSite(self).resource(), web.ADMIN_MAX_BODY)):
             if description:
-                service = strports.service(description, site(resource))
+                service = strports.service(description, web.site(resource, max_body,
+                                                                 **limits))
                 service.setServiceParent(self)
                 self.sites.append(service)
         self.ready = True

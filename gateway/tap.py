@@ -41,6 +41,9 @@ class Options(usage.Options):
         ["max-in-flight", None, 64, "Most CRM requests in flight at once.", int],
         ["max-body", None, 65536, "Largest webhook body accepted, in bytes (413 above).",
          int],
+        ["max-retry-after", None, 300.0,
+         "Longest pause a CRM may ask for with Retry-After, in seconds (one action on a "
+         "503, its whole host on a 429).", float],
         ["request-deadline", None, web.REQUEST_DEADLINE,
          "Seconds a client has to send a whole request (line, headers, body) from its "
          "first byte; 408 and the connection closed after.", float],
@@ -54,8 +57,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--database: unsupported URL {self['database']!r} "
                                    "(use sqlite:PATH)")
         for name in ("max-age", "popup-ttl", "max-in-flight", "max-body",
-                     "request-deadline"):
-            if not self[name] > 0:  # NaN too
+                     "request-deadline", "max-retry-after"):
+            if not 0 < self[name] < float("inf"):  # NaN too
                 raise usage.UsageError(f"--{name} must be positive")
         if self["max-body"] > MAX_MAX_BODY:
             # Bodies are held in memory while they arrive (never spooled to disk).
@@ -103,17 +106,16 @@ def makeService(options: Options) -> Gateway:
     from twisted.internet import reactor
 
     tune_gc()
-    gateway = Gateway(
+    return Gateway(
         store=open_store(options["database"], reactor),
         reactor=reactor,
         listen=options["listen"],
         admin_listen=options["admin-listen"],
         admin_token=admin_token(options["admin-token-file"]),
         dispatch=outbox.Policy(max_age=options["max-age"], popup_ttl=options["popup-ttl"],
-                               max_in_flight=options["max-in-flight"]),
+                               max_in_flight=options["max-in-flight"],
+                               max_retry_after=options["max-retry-after"]),
         max_body=options["max-body"],
+        request_deadline=options["request-deadline"],
+        max_connections_per_ip=options["max-connections-per-ip"],
     )
-    # Read by Gateway.start() when it builds the two sites (gateway.web.site).
-    gateway.request_deadline = options["request-deadline"]
-    gateway.max_connections_per_ip = options["max-connections-per-ip"]
-    return gateway

@@ -99,10 +99,10 @@ async def test_refused_connection_is_retryable() -> None:
 
 
 def test_altegio_has_no_outgoing_popup_and_no_close() -> None:
-    assert altegio.supports(POPUP, {"direction": "incoming"})
-    assert not altegio.supports(POPUP, {"direction": "outgoing"})
-    assert not altegio.supports("close_popup", {})
-    assert altegio.supports(RECORD, {}) and altegio.supports(SETUP, {})
+    assert altegio.supports(POPUP, {"direction": "incoming", "client": "+79161234567"})
+    assert not altegio.supports(POPUP, {"direction": "outgoing", "client": "+79161234567"})
+    assert not altegio.supports("close_popup", {"client": "+79161234567"})
+    assert altegio.supports(RECORD, {"client": "+79161234567"}) and altegio.supports(SETUP, {})
 
 
 def telphin(fake: FakeTelphin, clock: Any) -> TelphinClient:

@@ -418,3 +418,28 @@ async def test_a_failed_unbuildable_action_can_be_re_driven_and_listed_as_json(
         assert again["state"] == DONE
     finally:
         await store.stop()
+
+
+# The flag
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "soon"])
+def test_max_retry_after_flag_refuses_what_is_not_a_positive_finite_number(value: str) -> None:
+    from twisted.python import usage
+
+    from gateway.tap import Options
+
+    with pytest.raises((usage.UsageError, ValueError)):
+        Options().parseOptions(["--max-retry-after", value])
+
+
+def test_max_retry_after_flag_reaches_the_dispatcher(tmp_path: Any, monkeypatch: Any) -> None:
+    from gateway import tap
+    from gateway.tap import Options, makeService
+
+    monkeypatch.setattr(tap, "tune_gc", lambda: None)  # not for the test process
+    options = Options()
+    options.parseOptions(["--max-retry-after", "42", "--database",
+                          f"sqlite:{tmp_path}/g.sqlite", "--admin-token-file",
+                          f"{tmp_path}/token"])
+    assert makeService(options).dispatcher.policy.max_retry_after == 42.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 from typing import Any, Callable
@@ -504,6 +505,8 @@ _ACTION_COLUMNS = ("id, tenant, call, leg, kind, key, payload, created, state, a
 def _action(row: tuple) -> Action:
     (id_, tenant, call, leg, kind, key, payload, created, state, attempts, next_at,
      last_error) = row
+    if not math.isfinite(next_at):  # written before Retry-After was bounded
+        next_at = 0.0
     return Action(tenant=tenant, call=call, leg=leg, kind=kind, key=key,
                   payload=json.loads(payload), created=created, id=id_, state=state,
                   attempts=attempts, next_at=next_at, last_error=last_error)

@@ -59,7 +59,9 @@ _INNER = re.compile(rb"[;?/,\s]([^=;?/,\s]*)=")
 def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(body, ensure_ascii=False).encode()
+    # allow_nan=False: an infinite or NaN number is a bug to see (a 500 and a traceback),
+    # never an answer no JSON parser reads.
+    return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
 
 
 # Secrets in logs

@@ -12,6 +12,7 @@ from klein import Klein
 from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
 
 from gateway.errors import BadRequest
 from gateway.model import ACTION_STATES, MAX_ID, Tenant, parse_tenant
@@ -106,6 +107,14 @@ class AdminSite:
 
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Any) -> bytes:
+        error = failure.value
+        if isinstance(error, HTTPException):  # no such route, or not with this method
+            if getattr(error, "valid_methods", None):
+                request.setHeader(b"Allow", ", ".join(error.valid_methods).encode())
+            # Werkzeug's redirects (``//`` merged, a trailing slash) are no route either.
+            code = error.code if error.code and error.code >= 400 else 404
+            return json_response(request, {"error": "no such route" if code == 404
+                                           else error.name.lower(), "field": "path"}, code)
         # A bug, not the caller's fault: logged with its traceback, answered as JSON (not
         # Klein's HTML page) without the details.
         log.failure("admin API {method} {path} failed", failure, method=request.method,

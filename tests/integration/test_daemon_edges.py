@@ -6,7 +6,6 @@ One gateway (with the fakes) serves every case of a test; the file runs in a few
 
 from __future__ import annotations
 
-import inspect
 import secrets
 import socket
 import time
@@ -16,7 +15,6 @@ from urllib.parse import urlencode
 
 import pytest
 
-from gateway import service as service_module
 from tests.integration.harness import (
     CLIENT_ID,
     CRM_TOKEN,
@@ -164,16 +162,6 @@ def test_no_secret_reaches_the_log_whatever_the_request(procs: Processes) -> Non
         assert expected in log, expected
 
 
-def _service_passes_the_limits() -> bool:
-    """Whether the service gives site() the flags ``twistd gateway`` sets on it
-    (``request_deadline``, ``max_connections_per_ip``; gateway/tap.py).  Until it does, the
-    flags are parsed but not used, and this test waits for it."""
-    source = inspect.getsource(service_module)
-    return "request_deadline" in source and "max_connections_per_ip" in source
-
-
-@pytest.mark.skipif(not _service_passes_the_limits(),
-                    reason="gateway/service.py does not pass the flags to site() yet")
 def test_the_deadline_and_the_per_source_cap_flags(procs: Processes) -> None:
     gw = Gateway(procs, procs.tmp, ("--request-deadline", "1",
                                     "--max-connections-per-ip", "3")).start()
