@@ -79,6 +79,7 @@ class FakeCrm:
 
     def __init__(self) -> None:
         self.status = 202
+        self.retry_after: str | None = None
         self.received: list[dict[str, Any]] = []
         self.authorizations: list[bytes] = []
 
@@ -88,6 +89,8 @@ class FakeCrm:
         self.authorizations.append(request.getHeader(b"authorization") or b"")
         request.setResponseCode(self.status)
         request.setHeader(b"Content-Type", b"application/json")
+        if self.retry_after is not None:
+            request.setHeader(b"Retry-After", self.retry_after.encode())
         if self.status >= 400:
             return b'{"success": false, "meta": {"message": "refused by the test"}}'
         return b'{"success": true}'

@@ -1,14 +1,15 @@
-"""Two tenants on one CRM account (issue 8, case 11): one Altegio chain served by two PBX
-accounts.  Switching one tenant off must not switch the chain's integration off for the
-other; the last one to go does."""
+"""What an operator sees of a CRM account: two tenants sharing one (issue 8, case 11: one
+Altegio chain served by two PBX accounts; switching one tenant off must not switch the
+chain off for the other, the last one to go does), and a CRM host that paused us."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest_twisted
 
-from tests.test_admin import CRM_TOKEN, Harness, gateway, tenant_body  # noqa: F401
+from tests.test_admin import CRM_TOKEN, Harness, eventually, gateway, tenant_body  # noqa: F401
 
 
 def second(**crm: Any) -> dict[str, Any]:
@@ -52,3 +53,20 @@ async def test_another_chain_or_another_host_is_another_account(gateway: Harness
     assert (await gateway.admin("DELETE", "/api/v1/tenants/807")).status == 204
     await gateway.delivered(4)
     assert gateway.crm.commands()[-1] == ("setup", "disable")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_paused_by_a_429_shows_in_healthz_and_the_admin_api(
+        gateway: Harness) -> None:
+    """Case 6: a paused host is visible to the operator (it is also stored: see
+    tests/test_retry_after.py), and the pause is bounded by --max-retry-after."""
+    gateway.crm.status = 429
+    gateway.crm.retry_after = "3600"
+    await gateway.create()
+    await eventually(lambda: gateway.gw.dispatcher.paused())
+    pauses = (await gateway.admin("GET", "/api/v1/pauses")).json()
+    assert list(pauses) == ["altegio:altegio.test"]
+    assert 0 < pauses["altegio:altegio.test"] <= 300
+    resp = await gateway.client.get(gateway._url(0, "/healthz"))
+    health = json.loads(await resp.content())
+    assert health["paused_hosts"] == pauses and health["ok"] is True

@@ -202,6 +202,13 @@ class AdminSite:
         limit = _int_arg(request, "limit", 50)
         return json_response(request, await self.gateway.store.recent_calls(tenant.id, limit))
 
+    @app.route("/api/v1/pauses", methods=["GET"])
+    @_authorised
+    def pauses(self, request: IRequest) -> bytes:
+        """CRM hosts paused by a 429's Retry-After: bucket → seconds left."""
+        return json_response(request, {bucket: round(left, 1) for bucket, left
+                                       in self.gateway.dispatcher.paused().items()})
+
     @app.route("/api/v1/quarantine", methods=["GET"])
     @_authorised
     async def quarantine(self, request: IRequest) -> bytes:
