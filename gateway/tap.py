@@ -6,7 +6,6 @@ import gc
 import os
 import secrets
 import sys
-from typing import Any
 
 from twisted.python import usage
 

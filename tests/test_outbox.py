@@ -14,11 +14,13 @@ from gateway.outbox import Dispatcher, Policy, TokenBucket, backoff
 
 
 class MemoryStore:
-    """Just enough of IStore for the dispatcher: it remembers every attempt."""
+    """Just enough of IStore for the dispatcher: it remembers every attempt and pause."""
 
-    def __init__(self, pending: list[Action] = ()) -> None:
+    def __init__(self, pending: list[Action] = (),
+                 pauses: dict[str, float] | None = None) -> None:
         self.pending = list(pending)
         self.attempts: list[Attempt] = []
+        self.stored_pauses = dict(pauses or {})
 
     def pending_actions(self) -> Deferred:
         return succeed(self.pending)
@@ -26,6 +28,13 @@ class MemoryStore:
     def record_attempt(self, action: Action, attempt: Attempt) -> Deferred:
         self.attempts.append(attempt)
         return succeed(None)
+
+    def put_pause(self, bucket: str, until: float) -> Deferred:
+        self.stored_pauses[bucket] = max(until, self.stored_pauses.get(bucket, 0.0))
+        return succeed(None)
+
+    def pauses(self, now: float) -> Deferred:
+        return succeed({k: u for k, u in self.stored_pauses.items() if u > now})
 
 
 class CRM:

@@ -20,10 +20,11 @@ from gateway.crm import altegio
 from gateway.errors import Retryable
 from gateway.httpclient import (RETRY_AFTER_DEFAULT, RETRY_AFTER_LIMIT, HttpClient, Response,
                                 retry_after)
-from gateway.model import DONE, FAILED, PENDING, RECORD, Action, Attempt
+from gateway.model import DONE, FAILED, PENDING, RECORD, Action
 from gateway.outbox import Dispatcher, Policy
 from gateway.store.sqlite import SQLiteStore
 from tests.test_clients import RECORD_PAYLOAD, TENANT
+from tests.test_outbox import CRM, MemoryStore
 
 NOW = 1_715_677_267.0  # 2024-05-14 09:01:07 UTC
 BOUND = Policy().max_retry_after
@@ -108,51 +109,6 @@ async def test_a_crm_answer_carries_a_finite_retry_after(value: str) -> None:
 # The dispatcher's bound
 
 
-class MemoryStore:
-    """The dispatcher's part of IStore, pauses included."""
-
-    def __init__(self, pauses: dict[str, float] | None = None) -> None:
-        self.attempts: list[Attempt] = []
-        self.stored_pauses = dict(pauses or {})
-
-    def pending_actions(self) -> Deferred:
-        return succeed([])
-
-    def record_attempt(self, action: Action, attempt: Attempt) -> Deferred:
-        self.attempts.append(attempt)
-        return succeed(None)
-
-    def put_pause(self, bucket: str, until: float) -> Deferred:
-        self.stored_pauses[bucket] = max(until, self.stored_pauses.get(bucket, 0.0))
-        return succeed(None)
-
-    def pauses(self, now: float) -> Deferred:
-        return succeed({k: u for k, u in self.stored_pauses.items() if u > now})
-
-
-class CRM:
-    """Answers each request as the test says."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Action, Deferred]] = []
-
-    def perform(self, action: Action) -> Deferred:
-        d: Deferred = Deferred()
-        self.calls.append((action, d))
-        return d
-
-    def answer(self, outcome: Exception | None = None) -> None:
-        _, d = self.calls.pop(0)
-        if outcome is None:
-            d.callback(("POST /x", 202, "ok"))
-        else:
-            d.errback(outcome)
-
-    @property
-    def sent(self) -> list[int]:
-        return [a.id for a, _ in self.calls]
-
-
 _ids = iter(range(1, 10**9))
 
 
@@ -178,7 +134,7 @@ def test_a_429_pauses_the_host_for_at_most_the_bound() -> None:
     d, crm, clock, store = make()
     a, b = action("c1"), action("c2")
     d.add([a])
-    crm.answer(Retryable("HTTP 429", 429, retry_after=3600))
+    crm.answer(outcome=Retryable("HTTP 429", 429, retry_after=3600))
     assert 0 < d.paused()[HOST] <= BOUND
     d.add([b])
     clock.advance(BOUND - 1)
@@ -192,7 +148,7 @@ def test_the_bound_is_the_policys() -> None:
     d, crm, clock, store = make(policy=Policy(max_retry_after=30))
     a = action()
     d.add([a])
-    crm.answer(Retryable("HTTP 429", 429, retry_after=3600))
+    crm.answer(outcome=Retryable("HTTP 429", 429, retry_after=3600))
     assert d.paused() == {HOST: pytest.approx(30)}
     assert a.next_at - clock.seconds() == pytest.approx(30)
     clock.advance(30.01)
@@ -203,7 +159,7 @@ def test_a_503_delays_that_action_at_most_the_bound_and_pauses_no_host() -> None
     d, crm, clock, store = make()
     a, b = action("c1"), action("c2")
     d.add([a])
-    crm.answer(Retryable("HTTP 503", 503, retry_after=3600))
+    crm.answer(outcome=Retryable("HTTP 503", 503, retry_after=3600))
     assert d.paused() == {}
     assert a.next_at - clock.seconds() <= BOUND
     d.add([b])
@@ -218,7 +174,7 @@ def test_next_at_is_finite_whatever_a_crm_module_reports(status: int, asked: flo
     d, crm, clock, store = make()
     a = action()
     d.add([a])
-    crm.answer(Retryable(f"HTTP {status}", status, retry_after=asked))
+    crm.answer(outcome=Retryable(f"HTTP {status}", status, retry_after=asked))
     assert math.isfinite(a.next_at) and a.next_at - clock.seconds() <= BOUND
     assert all(math.isfinite(s) and s <= BOUND for s in d.paused().values())
     json.dumps(a.summary(), allow_nan=False)
@@ -231,7 +187,7 @@ def test_backoff_stays_finite_after_any_number_of_attempts() -> None:
     a = action()
     a.attempts = 5000  # re-driven many times: attempts keep counting
     d.add([a])
-    crm.answer(Retryable("refused"))
+    crm.answer(outcome=Retryable("refused"))
     assert a.next_at - clock.seconds() <= Policy().backoff_cap
     clock.advance(Policy().backoff_cap + 0.01)
     assert crm.sent == [a.id]
@@ -257,7 +213,7 @@ def test_paused_shows_only_running_pauses() -> None:
     d, crm, clock, store = make()
     assert d.paused() == {}
     d.add([action()])
-    crm.answer(Retryable("HTTP 429", 429, retry_after=20))
+    crm.answer(outcome=Retryable("HTTP 429", 429, retry_after=20))
     assert d.paused() == {HOST: pytest.approx(20)}
     clock.advance(15)
     assert d.paused() == {HOST: pytest.approx(5)}
@@ -267,7 +223,7 @@ def test_paused_shows_only_running_pauses() -> None:
 
 
 def test_a_restored_pause_is_held_to_the_current_bound() -> None:
-    store = MemoryStore({HOST: NOW + 3600, "other": NOW - 1})
+    store = MemoryStore(pauses={HOST: NOW + 3600, "other": NOW - 1})
     d, crm, clock, _ = make(store, Policy(max_retry_after=60))
     assert d.paused() == {HOST: pytest.approx(60)}
 
@@ -289,7 +245,7 @@ async def test_a_host_pause_survives_a_restart_and_an_expired_one_does_not(
     d, crm, clock, _ = make(store, start=False)
     await d.start()
     d.add([action()])
-    crm.answer(Retryable("HTTP 429", 429, retry_after=120))
+    crm.answer(outcome=Retryable("HTTP 429", 429, retry_after=120))
     d.stop()
     await store.stop()
 
@@ -362,7 +318,7 @@ def test_an_unexpected_error_after_io_also_fails_the_action_once() -> None:
     d, crm, clock, store = make()
     a = action()
     d.add([a])
-    crm.answer(KeyError("answer without 'success'"))
+    crm.answer(outcome=KeyError("answer without 'success'"))
     assert a.state == FAILED and "KeyError" in a.last_error
     clock.advance(3600)
     assert crm.calls == [] and len(store.attempts) == 1 and d.depth == 0
