@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test fuzz bench clean
+.PHONY: run test bench mutate clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,14 +21,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
-# The fuzz suite with many fresh random examples (make test runs a small fixed set).
-FUZZ_EXAMPLES ?= 3000
-fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/python -m pytest tests/test_fuzz.py $(ARGS)
-
 # A few minutes; ARGS=--quick for a ~30-second sanity run.  See README, "Performance".
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run $(ARGS)
+
+# Mutation testing, tens of minutes over all of gateway/; not part of `make test`.
+# ARGS may name modules: make mutate ARGS="gateway/calls.py gateway/store".  See README, "Tests".
+$(VENV)/.installed-mutate: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[test,mutate]' --config-settings editable_mode=compat
+	touch $@
+
+mutate: $(VENV)/.installed-mutate
+	nice -n 10 $(VENV)/bin/python -m tests.mutation.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

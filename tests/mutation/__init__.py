@@ -1,0 +1,1 @@
+"""Mutation testing (`make mutate`): the runner, its pytest plugin and the allow-list."""
