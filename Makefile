@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test bench mutate clean
+.PHONY: run test fuzz bench mutate clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+# The fuzz suite with many fresh random examples (make test runs a small fixed set).
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/python -m pytest tests/test_fuzz.py $(ARGS)
 
 # A few minutes; ARGS=--quick for a ~30-second sanity run.  See README, "Performance".
 bench: $(STAMP)
