@@ -50,6 +50,8 @@ TARGET = 0.90
 # Not copied into the tree: version control, environments, outputs.
 SKIP_TOP = {".git", ".venv", "var", "build", "mutants", ".hypothesis", "_trial_temp", ".pytest_cache"}
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+# Not (yet) tried: a run still going or interrupted.  Left out of the score, and said so.
+UNTRIED = {"not checked", "check was interrupted by user"}
 ARROW, REASON = " ~> ", " ~~ "
 
 
@@ -71,6 +73,8 @@ class Survivor:
 @dataclass
 class Tally:
     total: int = 0
+    untried: int = 0
+    skipped: int = 0  # in statements setup.cfg's do_not_mutate_patterns leaves out
     killed: int = 0
     allowed: int = 0
     survivors: list[Survivor] = field(default_factory=list)
@@ -86,13 +90,45 @@ def squash(text: str) -> str:
     return " ".join(text.split())
 
 
+SQL_WORDS = re.compile(r"\b(select|insert|update|delete|where|from|order by|group by|values|set|limit|"
+                       r"and|or|in|desc|count|coalesce|max|on conflict|returning)\b|= \?", re.I)
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def sql_case(old: str, new: str) -> bool:
+    """The mutation only changed the letter case of SQL outside quoted SQL literals."""
+    if old == new or old.lower() != new.lower():
+        return False
+    olds, news = STRING.findall(old), STRING.findall(new)
+    if len(olds) != len(news) or STRING.sub('""', old) != STRING.sub('""', new):
+        return False
+    changed = [(o, n) for o, n in zip(olds, news) if o != n]
+    return bool(changed) and all(SQL_WORDS.search(o) and "'" not in o for o, _ in changed)
+
+
+# Named classes of equivalent mutants, enabled by a ``rule NAME ~~ reason`` line.
+RULES = {"sql-case": lambda survivor: sql_case(survivor.old, survivor.new)}
+
+
+def load_rules(path: Path = ALLOWED) -> dict[str, str]:
+    rules = {}
+    if path.exists():
+        for line in path.read_text("utf-8").splitlines():
+            if line.startswith("rule "):
+                name, _, reason = line[len("rule "):].partition(REASON)
+                if name.strip() not in RULES or not reason.strip():
+                    raise SystemExit(f"{path}: unknown rule or no reason: {line!r}")
+                rules[name.strip()] = reason.strip()
+    return rules
+
+
 def load_allowed(path: Path = ALLOWED) -> dict[str, str]:
     """The allow-list: ``module::Function.name: old ~> new ~~ reason``, one mutant a line."""
     allowed: dict[str, str] = {}
     if not path.exists():
         return allowed
     for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not line.strip() or line.lstrip().startswith("#") or line.startswith("rule "):
             continue
         if REASON not in line or ARROW not in line or "::" not in line:
             raise SystemExit(f"{path}:{number}: want 'module::function: old ~> new ~~ reason', got {line!r}")
@@ -164,7 +200,7 @@ def run_mutmut(children: int) -> int:
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
     log = WORK / "mutmut.log"
-    print(f"mutmut running in {TREE.relative_to(ROOT)} (log: {log.relative_to(ROOT)})", flush=True)
+    print(f"mutmut running in {TREE} (log: {log})", flush=True)
     started = time.monotonic()
     with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(command, cwd=TREE, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -187,6 +223,48 @@ def progress(log: Path) -> str:
     return spinners[-1].strip() if spinners else "starting"
 
 
+class Skipped:
+    """Survivors inside a statement that ``do_not_mutate_patterns`` (setup.cfg) leaves out.
+
+    mutmut does not generate those mutants; this drops any that an older tree still has, so
+    runs before and after a pattern change give comparable scores.
+    """
+
+    def __init__(self) -> None:
+        config = configparser.ConfigParser(interpolation=None)
+        config.read(ROOT / "setup.cfg", encoding="utf-8")
+        raw = config.get("mutmut", "do_not_mutate_patterns", fallback="")
+        self.patterns = [re.compile(p) for p in raw.splitlines() if p.strip()]
+        self.lines: dict[str, set[int]] = {}
+
+    def _ignored(self, source: str) -> set[int]:
+        if source not in self.lines:
+            import ast
+
+            text = (TREE / source).read_text("utf-8")
+            hits = {n for n, line in enumerate(text.splitlines(), 1)
+                    if any(p.search(line) for p in self.patterns)}
+            ignored: set[int] = set()
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.stmt) and not hasattr(node, "body"):
+                    span = set(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+                    if span & hits:
+                        ignored |= span
+            self.lines[source] = ignored
+        return self.lines[source]
+
+    def __call__(self, survivor: "Survivor") -> bool:
+        if not self.patterns:
+            return False
+        removed = [line[1:].strip() for line in survivor.diff.splitlines()
+                   if line.startswith("-") and not line.startswith("---")]
+        if not removed:
+            return False
+        text = (TREE / survivor.module).read_text("utf-8").splitlines()
+        ignored = self._ignored(survivor.module)
+        return any(line.strip() == removed[0] for n, line in enumerate(text, 1) if n in ignored)
+
+
 def collect() -> dict[str, Tally]:
     """Read mutmut's verdicts from the tree, with the diff of every mutant that was not killed."""
     os.chdir(TREE)
@@ -194,6 +272,8 @@ def collect() -> dict[str, Tally]:
     from mutmut.stats import status_by_exit_code
 
     allowed = load_allowed()
+    rules = [RULES[name] for name in load_rules()]
+    skip = Skipped()
     tallies: dict[str, Tally] = defaultdict(Tally)
     for meta in sorted((TREE / "mutants" / "gateway").rglob("*.py.meta")):
         source = meta.relative_to(TREE / "mutants").as_posix()[: -len(".meta")]
@@ -201,16 +281,23 @@ def collect() -> dict[str, Tally]:
         tally = tallies[source]
         for name, code in sorted(verdicts.items()):
             status = status_by_exit_code[code]
-            tally.total += 1
-            if status in KILLED:
-                tally.killed += 1
+            if status in UNTRIED:
+                tally.untried += 1
                 continue
             diff = get_diff_for_mutant(name, path=source)
             old, new = mutation_text(diff)
             survivor = Survivor(name, source, function_of(name), status, old, new, diff)
-            if survivor.key in allowed:
+            if skip(survivor):
+                tally.skipped += 1
+                continue
+            tally.total += 1
+            if status in KILLED:
+                tally.killed += 1
+            elif survivor.key in allowed:
                 tally.allowed += 1
                 tally.matched.add(survivor.key)
+            elif any(rule(survivor) for rule in rules):
+                tally.allowed += 1
             else:
                 tally.survivors.append(survivor)
     os.chdir(ROOT)
@@ -248,6 +335,8 @@ def report(tallies: dict[str, Tally]) -> None:
             "equivalent": tally.allowed,
             "survived": len(tally.survivors),
             "score": None if tally.score is None else round(tally.score, 4),
+            "untried": tally.untried,
+            "not_mutated": tally.skipped,
         }
     groups = {}
     for target in TARGETED:
@@ -267,12 +356,20 @@ def report(tallies: dict[str, Tally]) -> None:
         m = modules[module]
         score = "-" if m["score"] is None else f"{100 * m['score']:.1f}%"
         mark = "" if module in tallies else "  (earlier run)"
+        if m.get("untried"):
+            mark += f"  ({m['untried']} mutants not tried yet)"
         print(f"{module:34} {m['mutants']:7} {m['killed']:7} {m['equivalent']:6} {m['survived']:8} {score:>7}{mark}")
     print(f"\ntargets (>= {100 * TARGET:.0f}% of non-equivalent mutants killed):")
     for target, g in groups.items():
         ok = g["score"] is not None and g["score"] >= TARGET
         print(f"  {target:32} {g['killed']:5}/{g['mutants']:<5} {100 * (g['score'] or 0):5.1f}%  {'ok' if ok else 'BELOW'}")
-    print(f"\nscores: {SCORE.relative_to(ROOT)}; survivors with diffs and allow-list keys: {SURVIVORS.relative_to(ROOT)}")
+    print(f"\nscores: {SCORE}; survivors with diffs and allow-list keys: {SURVIVORS}")
+
+
+def use_work(work: Path) -> None:
+    global WORK, TREE, SCORE, SURVIVORS
+    WORK = work.resolve()
+    TREE, SCORE, SURVIVORS = WORK / "tree", WORK / "score.json", WORK / "survivors.txt"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help="files or folders under gateway/ (default: all of gateway/)")
     parser.add_argument("--report-only", action="store_true", help="report the last run again, run nothing")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tried at once")
+    parser.add_argument("--work", type=Path, default=WORK, help="where the tree and the scores go (var/mutate)")
     args = parser.parse_args(argv)
+    use_work(args.work)
 
     WORK.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
