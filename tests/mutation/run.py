@@ -96,14 +96,16 @@ STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def sql_case(old: str, new: str) -> bool:
-    """The mutation only changed the letter case of SQL outside quoted SQL literals."""
+    """The mutation only changed the letter case of SQL, not of a quoted SQL literal in it."""
     if old == new or old.lower() != new.lower():
         return False
     olds, news = STRING.findall(old), STRING.findall(new)
     if len(olds) != len(news) or STRING.sub('""', old) != STRING.sub('""', new):
         return False
     changed = [(o, n) for o, n in zip(olds, news) if o != n]
-    return bool(changed) and all(SQL_WORDS.search(o) and "'" not in o for o, _ in changed)
+    quoted = re.compile(r"'[^']*'")  # SQL string literals: their case matters
+    return bool(changed) and all(SQL_WORDS.search(o) and quoted.findall(o) == quoted.findall(n)
+                                 for o, n in changed)
 
 
 # Named classes of equivalent mutants, enabled by a ``rule NAME ~~ reason`` line.
