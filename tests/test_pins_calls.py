@@ -124,7 +124,7 @@ def test_an_answered_record_carries_every_field() -> None:
 
 def test_a_leg_first_seen_by_its_answer_starts_at_the_answer() -> None:
     _, effects = feed([ev("answer", "101", 5),
-                       ev("hangup", "101", 65, status="ANSWER", duration=60 * S)])
+                       ev("hangup", "101", 65, status="ANSWER", duration=50 * S)])
     assert effects[-1].payload["started"] == T0 + 5 * S
 
 
@@ -164,6 +164,27 @@ def test_a_record_in_a_call_without_any_number_has_an_empty_number() -> None:
     _, effects = feed([ev("ring", "101", 0, flow="out", peer="89161234567"),
                        ev("hangup", "101", 3, flow="out", peer="89161234567", status="BUSY")])
     assert effects[-1].payload["did"] == ""
+
+
+def test_with_a_number_filter_an_incoming_leg_without_a_number_gives_nothing() -> None:
+    policy = Policy(numbers=frozenset({DID}))
+    _, effects = feed([ev("ring", "101", 0, did=""), ev("answer", "101", 1, did=""),
+                       ev("hangup", "101", 9, status="ANSWER", duration=8 * S, did="")], policy)
+    assert effects == []
+
+
+# Internal calls (internal_calls on)
+
+
+def test_an_unanswered_internal_call_is_one_missed_record_for_the_caller() -> None:
+    policy = Policy(internal_calls=True)
+    _, effects = feed([ev("ring", "101", 0, flow="out", peer="102"),
+                       ev("ring", "102", 0, peer="7001*101", did=""),
+                       ev("hangup", "102", 20, status="NOANSWER", peer="7001*101", did=""),
+                       ev("hangup", "101", 20, flow="out", peer="102", status="NOANSWER")],
+                      policy)
+    assert [(e.kind, e.leg, e.payload["direction"], e.payload["status"]) for e in effects] == [
+        (RECORD, "101", "internal", "missed")]
 
 
 # Outgoing legs
