@@ -159,6 +159,27 @@ def mutation_text(diff: str) -> tuple[str, str]:
     return old, new
 
 
+def refresh_tests() -> list[str]:
+    """For --survivors: the checkout's tests into the last run's tree, and the mutants to try
+    again (every one not killed).  The code under test must be the one that run mutated."""
+    changed = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "gateway").rglob("*.py"))
+               if not (TREE / p.relative_to(ROOT)).exists()
+               or (TREE / p.relative_to(ROOT)).read_bytes() != p.read_bytes()]
+    if changed:
+        raise SystemExit(f"gateway/ changed since the last run ({', '.join(changed[:5])}): "
+                         "run the modules again without --survivors")
+    for where in (TREE / "tests", TREE / "mutants" / "tests"):
+        shutil.rmtree(where, ignore_errors=True)
+        shutil.copytree(ROOT / "tests", where, ignore=shutil.ignore_patterns("__pycache__"))
+    from mutmut.stats import status_by_exit_code
+
+    names = []
+    for meta in sorted((TREE / "mutants" / "gateway").rglob("*.py.meta")):
+        verdicts = json.loads(meta.read_text("utf-8")).get("exit_code_by_key", {})
+        names += [n for n, code in verdicts.items() if status_by_exit_code[code] not in KILLED]
+    return names
+
+
 def copy_tree() -> None:
     if TREE.exists():
         shutil.rmtree(TREE)
@@ -198,9 +219,9 @@ def configure(patterns: list[str]) -> None:
         config.write(handle)
 
 
-def run_mutmut(children: int) -> int:
+def run_mutmut(children: int, names: list[str] = ()) -> int:
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *names]
     log = WORK / "mutmut.log"
     print(f"mutmut running in {TREE} (log: {log})", flush=True)
     started = time.monotonic()
@@ -378,13 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help="files or folders under gateway/ (default: all of gateway/)")
     parser.add_argument("--report-only", action="store_true", help="report the last run again, run nothing")
+    parser.add_argument("--survivors", action="store_true",
+                        help="try the last run's surviving mutants again with the checkout's tests "
+                             "(after writing tests; gateway/ must be unchanged)")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tried at once")
     parser.add_argument("--work", type=Path, default=WORK, help="where the tree and the scores go (var/mutate)")
     args = parser.parse_args(argv)
     use_work(args.work)
 
     WORK.mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
+    if args.survivors:
+        if not (TREE / "mutants").exists():
+            raise SystemExit("no earlier run under var/mutate: run without --survivors first")
+        names = refresh_tests()
+        print(f"trying {len(names)} surviving mutants again")
+        if names and run_mutmut(args.children, names):
+            return 1
+    elif not args.report_only:
         copy_tree()
         configure(patterns_for(args.modules))
         if run_mutmut(args.children):
