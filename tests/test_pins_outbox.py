@@ -16,8 +16,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from gateway.errors import Retryable
-from gateway.model import DEAD, DROPPED, POPUP, RECORD, Action, Attempt
-from gateway.outbox import Dispatcher, Policy, backoff, bounded_pause
+from gateway.model import DEAD, DONE, DROPPED, PENDING, POPUP, RECORD, SETUP, Action, Attempt
+from gateway.outbox import Dispatcher, Policy, TokenBucket, backoff, bounded_pause
 from tests.test_outbox import CRM, MemoryStore
 
 _ids = iter(range(1, 10**9))
@@ -189,3 +189,87 @@ def test_an_action_from_the_future_has_no_negative_lag() -> None:
     d.add([action(created=1500.0)])
     assert d.oldest_age() == 0.0
 
+
+
+# Failures that are not a CRM's answer
+
+
+def test_an_unbuildable_action_records_a_bounded_reason_and_no_answer() -> None:
+    clock, store = Clock(), Recording()
+
+    def perform(a: Action) -> Deferred:
+        raise ValueError("x" * 1000)
+
+    d = Dispatcher(store, clock, perform, lambda a: [("host", 1000.0, 1000)], Policy(),
+                   random.Random(7))
+    ensureDeferred(d.start())
+    a = action()
+    d.add([a])
+    attempt = store.attempts[-1]
+    assert attempt.request == ("cannot perform: ValueError: " + "x" * 1000)[:500]
+    assert attempt.answer == "" and a.last_error == attempt.request
+
+
+# Counters, dropped pop-ups and re-drives
+
+
+def test_the_counters_count_every_outcome() -> None:
+    d, crm, clock, store = make()
+    a, b = action(call="c1"), action(call="c2")
+    d.add([a, b])
+    crm.answer(0, Retryable("HTTP 503", 503))
+    crm.answer(0, Retryable("HTTP 503", 503))
+    clock.advance(10_000)
+    crm.answer(0)
+    crm.answer(0)
+    assert d.counts == {"retry": 2, DONE: 2}
+
+
+def test_a_popup_dropped_before_it_was_sent_has_no_attempt() -> None:
+    d, crm, clock, store = make(Policy(max_in_flight=1))
+    d.add([action(call="c0")])
+    pop = action(kind=POPUP, call="c1")
+    d.add([pop])
+    d.drop([pop.id])
+    assert pop.state == DROPPED and pop.attempts == 0
+
+
+def test_a_redriven_popup_that_was_stale_once_is_retried_not_dropped() -> None:
+    d, crm, clock, store = make()
+    pop = action(kind=POPUP)
+    d.add([pop])
+    d.drop([pop.id])  # stale while in flight...
+    crm.answer(0)  # ...and delivered all the same
+    assert pop.state == DONE
+    pop.state = PENDING  # an operator re-drives it
+    d.add([pop])
+    crm.answer(0, Retryable("HTTP 503", 503))
+    assert pop.state == PENDING and store.attempts[-1].outcome == "retry"
+
+
+def test_a_tenant_setup_with_nothing_parked_behind_it_frees_its_slot() -> None:
+    d, crm, clock, store = make(Policy(max_in_flight=1))
+    setup = action(kind=SETUP, call="")
+    other = action(tenant=2, call="c1")  # another tenant's: waits only for the slot
+    d.add([setup, other])
+    assert crm.sent == [setup.id]
+    crm.answer(0)
+    assert setup.state == DONE and crm.sent == [other.id]
+
+
+# Lanes and buckets
+
+
+def test_a_host_out_of_tokens_does_not_hold_up_another_host() -> None:
+    d, crm, clock, store = make(limits=lambda a: [(f"host-{a.tenant}", 1.0, 1)])
+    first, second, other = action(tenant=1, call="c1"), action(tenant=1, call="c2"), \
+        action(tenant=2, call="c3")
+    d.add([first, second, other])
+    assert crm.sent == [first.id, other.id]  # host-1 has no token left for the second
+
+
+def test_a_bucket_says_how_long_until_its_next_token() -> None:
+    assert TokenBucket(rate=2.0, burst=5, tokens=1.5, stamp=0.0).wait(0.0) == 0.0
+    assert TokenBucket(rate=2.0, burst=5, tokens=0.5, stamp=0.0).wait(0.0) == 0.25
+    refilled = TokenBucket(rate=2.0, burst=5, tokens=0.0, stamp=0.0)
+    assert refilled.wait(10.0) == 0.0 and refilled.tokens == 5
