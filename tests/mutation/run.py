@@ -161,7 +161,8 @@ def mutation_text(diff: str) -> tuple[str, str]:
 
 def refresh_tests() -> list[str]:
     """For --survivors: the checkout's tests into the last run's tree, and the mutants to try
-    again (every one not killed).  The code under test must be the one that run mutated."""
+    again (every one tried and not killed).  The code under test must be the one that run
+    mutated."""
     changed = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "gateway").rglob("*.py"))
                if not (TREE / p.relative_to(ROOT)).exists()
                or (TREE / p.relative_to(ROOT)).read_bytes() != p.read_bytes()]
@@ -176,7 +177,8 @@ def refresh_tests() -> list[str]:
     names = []
     for meta in sorted((TREE / "mutants" / "gateway").rglob("*.py.meta")):
         verdicts = json.loads(meta.read_text("utf-8")).get("exit_code_by_key", {})
-        names += [n for n, code in verdicts.items() if status_by_exit_code[code] not in KILLED]
+        names += [n for n, code in verdicts.items()
+                  if status_by_exit_code[code] not in KILLED | UNTRIED]
     return names
 
 
