@@ -70,6 +70,12 @@ async def _resolved(value: Response | Deferred) -> Response:
     return value
 
 
+def bearer(request: tuple[str, str, dict[str, Any]]) -> str | None:
+    """The request's Authorization header, its name in any case (RFC 9110 §5.1)."""
+    headers = {name.lower(): value for name, value in request[2]["headers"].items()}
+    return headers.get("authorization")
+
+
 def told(error: Retryable | Permanent) -> tuple:
     """What an error tells the dispatcher: message, status, the answer kept, Retry-After."""
     return attrs.astuple(error, recurse=False)
@@ -93,7 +99,7 @@ async def test_a_token_without_expires_in_lives_an_hour_less_the_margin() -> Non
     clock.advance(1)  # exactly the renewal time: not used any more
     await telphin_client.recording_url(TENANT, "R1")
     assert http.urls() == [TOKEN_URL, STORAGE_URL, STORAGE_URL, TOKEN_URL, STORAGE_URL]
-    assert http.requests[-1][2]["headers"]["Authorization"] == "Bearer t2"
+    assert bearer(http.requests[-1]) == "Bearer t2"
 
 
 @pytest_twisted.ensureDeferred
