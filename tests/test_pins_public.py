@@ -23,12 +23,18 @@ from tests.test_public import DIAL_IN, KEY, LOGIN, Harness, gateway  # noqa: F40
 BASE = f"/events/807/dial-in/{LOGIN}"
 
 
+def media_type(reply: Any) -> str:
+    """The answer's Content-Type, as compared: media types and charsets in any case
+    (RFC 9110 §8.3.1)."""
+    return (reply.header("Content-Type") or "").lower()
+
+
 # What each answer says
 
 @pytest_twisted.ensureDeferred
 async def test_a_stored_event_is_answered_ok_in_plain_text(gateway: Harness) -> None:
     reply = await gateway.post(DIAL_IN)
-    assert (reply.status, reply.header("Content-Type"), reply.body) == (200, "text/plain",
+    assert (reply.status, media_type(reply), reply.body) == (200, "text/plain",
                                                                         b"OK")
 
 
@@ -37,7 +43,7 @@ async def test_a_refusal_is_the_field_and_the_reason_on_one_line_of_utf8_text(
         gateway: Harness) -> None:
     reply = await gateway.post(DIAL_IN, key="wrong-key-0123456789")
     assert reply.status == 403
-    assert reply.header("Content-Type") == "text/plain; charset=utf-8"
+    assert media_type(reply) == "text/plain; charset=utf-8"
     assert reply.body == b"key: wrong or missing key\n"
 
 
@@ -88,7 +94,7 @@ async def test_an_event_the_store_cannot_take_is_503_saying_so(gateway: Harness)
                                       server_error=True)
     finally:
         del gateway.store.append
-    assert (reply.status, reply.header("Content-Type"), reply.body) == (
+    assert (reply.status, media_type(reply), reply.body) == (
         503, "text/plain", b"store unavailable, not stored\n")
 
 
