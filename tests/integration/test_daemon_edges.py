@@ -9,11 +9,7 @@ from __future__ import annotations
 import secrets
 import socket
 import time
-from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlencode
-
-import pytest
 
 from tests.integration.harness import (
     CLIENT_ID,
@@ -27,16 +23,7 @@ from tests.integration.harness import (
     start_fake,
     wait_for,
 )
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    group = Processes(tmp_path)
-    try:
-        yield group
-    finally:
-        group.close()
-        print(group.tails())
+from tests.integration.test_daemon import procs  # noqa: F401 (the fixture)
 
 
 def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
