@@ -265,22 +265,22 @@ class Engine:
         # Held events per quarantined call, and the error for newly quarantined ones.
         held: dict[tuple[int, str], tuple[str, list]] = dict(hold or {})
         held.update((k, (error, [])) for k, error in self._unreadable.items())
-        # This batch's events per call: a call that fails takes them to the quarantine.
-        seen: dict[tuple[int, str], list] = {}
         touched: dict[tuple[int, str], Call] = {}
         produced: dict[tuple[int, str], list[Action]] = {}
         stale: dict[tuple[int, str], list[tuple[int, str, str]]] = {}
 
-        def quarantine(key: tuple[int, str], error: BaseException) -> None:
-            # The call in memory holds this batch's uncommitted changes: forget it; the
-            # stored state is the call before them.
+        def quarantine(key: tuple[int, str], error: BaseException, upto: int = 0) -> None:
+            # The call in memory holds this batch's uncommitted changes (from its events
+            # in ``rows[:upto]``): forget it, and hold those events; the stored state is the
+            # call before them.
             self.calls.pop(key, None)
             self._armed.pop(key, None)
             for pending in (touched, produced, stale):
                 pending.pop(key, None)
             text = f"{type(error).__name__}: {error}"[:1000]
             self.quarantined[key] = text
-            held[key] = (text, seen.pop(key, []))
+            held[key] = (text, [(seq, ev) for seq, ev in rows[:upto]
+                                if (ev.tenant, ev.call) == key])
             log.failure("tenant {tenant} call {call}: cannot be folded; quarantined with "
                         "its events (re-fold it from the admin API after a fix)",
                         tenant=key[0], call=key[1])
@@ -314,12 +314,11 @@ class Engine:
                 quarantine(key, e)
                 continue
             touched[key] = call
-        for seq, ev in rows:
+        for i, (seq, ev) in enumerate(rows):
             key = (ev.tenant, ev.call)
             if key in self.quarantined:
                 held.setdefault(key, ("", []))[1].append((seq, ev))
                 continue
-            seen.setdefault(key, []).append((seq, ev))
             call = self.calls.get(key)
             if call is None:
                 call = self.calls[key] = Call(ev.tenant, ev.call)
@@ -330,7 +329,7 @@ class Engine:
                     emit(call, call.expire(policy), tenant)
                 emit(call, call.event(ev, policy), tenant)
             except Exception as e:
-                quarantine(key, e)
+                quarantine(key, e, i + 1)
                 continue
             if ev.kind == "hangup":
                 # Whatever became of it, a pop-up for a leg that has hung up is stale.
