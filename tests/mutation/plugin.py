@@ -7,17 +7,32 @@ Each mutant is judged by the fast unit suite alone, the same way every time:
 * A test that starts a process (``subprocess`` or ``reactor.spawnProcess``) is skipped, not run:
   a mutant is killed by what the gateway does in-process, never by a child process that imports
   the unmutated code, and never by a slow start-up hitting the time limit.
+* A test that has not finished after ``TEST_DEADLINE`` seconds of wall-clock time ends the run as a
+  timeout (a kill).  mutmut's own limit counts CPU seconds, and a mutant that leaves a Deferred
+  unfired (a request never answered) idles in the reactor at no CPU cost: each such mutant would
+  otherwise hold a worker for a minute.  No unit test comes near the deadline unmutated.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 PROCESS_SKIP = "starts a process: not part of the mutation suite"
+TEST_DEADLINE = int(os.environ.get("MUTATE_TEST_DEADLINE", "10"))
+TIMEOUT_EXIT = 36  # mutmut's exit code for "timeout", which it counts as killed
+
+
+def _deadline(signum: int, frame: Any) -> None:
+    sys.stderr.write(f"mutation plugin: a test ran over {TEST_DEADLINE} s; counted as a timeout\n")
+    sys.stderr.flush()
+    os._exit(TIMEOUT_EXIT)
 
 
 def _refuse(*args: Any, **kwargs: Any) -> Any:
@@ -42,9 +57,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     subprocess.Popen.__init__ = _refuse  # type: ignore[method-assign]
     if saved_spawn is not None:
         reactor.spawnProcess = _refuse  # type: ignore[attr-defined]
+    saved_alarm = signal.signal(signal.SIGALRM, _deadline)
+    signal.alarm(TEST_DEADLINE)
     try:
         yield
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, saved_alarm)
         subprocess.Popen.__init__ = saved_popen  # type: ignore[method-assign]
         if saved_spawn is not None:
             reactor.spawnProcess = saved_spawn  # type: ignore[attr-defined]
