@@ -1,11 +1,17 @@
-"""A fake Telphin REST API: OAuth client-credentials tokens and recording storage URLs."""
+"""
+A fake Telphin REST API: OAuth client-credentials tokens, who-am-I, the extension list,
+recording storage URLs and the click-to-call callback (telphin.md §1, §2, §6, §7).
+
+Choices the protocol notes leave open are marked [I] where they are made.
+"""
 
 from __future__ import annotations
 
 import argparse
 import secrets
 import sys
-from typing import Any, Mapping
+import re
+from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs
 
 from attrs import define, field
@@ -15,7 +21,32 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from tests.fakes.control import Faults, default_clock, http_reason, json_response, run_standalone
+from tests.fakes.control import (
+    Faults,
+    default_clock,
+    http_reason,
+    json_response,
+    read_json_object,
+    run_standalone,
+)
+
+# The who-am-I answer (§1.1); `setup({"user": {...}})` overrides single fields. The values
+# are the notes' constructed example.
+DEFAULT_USER: dict[str, object] = {
+    "id": 41127,
+    "login": "TLP55522",
+    "client_id": 7001,
+    "extension_id": None,
+    "dealer_id": 12,
+    "admin": True,
+    "access": "full",
+    "extension_group_id": None,
+    "timezone": "Europe/Moscow",
+}
+EXTENSION_TYPES = frozenset({"phone", "queue", "ivr", "fax"})
+EXTENSION_STATUSES = frozenset({"active", "blocked"})
+# [I] The notes document `?page=N` but not the page size.
+DEFAULT_EXTENSION_PAGE_SIZE = 50
 
 
 @define
@@ -38,13 +69,107 @@ def _string_map(value: object, what: str) -> dict[str, str]:
     return value
 
 
+def _digits(text: str) -> bool:
+    # str.isdigit alone lets through "²", which int() refuses.
+    return text.isascii() and text.isdigit()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _extension_entry(extension_id: str, value: object) -> tuple[int, dict[str, object]]:
+    # `"200501": "7001*101"` or `"200501": {"name": "7001*101", "type": "queue", ...}`.
+    if not _digits(extension_id):
+        raise ValueError(f"extension id {extension_id!r} must be digits")
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"extension {extension_id} must be a name or an object")
+    unknown = sorted(set(value) - {"name", "type", "status", "label"})
+    if unknown:
+        raise ValueError(f"extension {extension_id}: unknown keys: {', '.join(unknown)}")
+    entry = {"id": int(extension_id), "name": value.get("name"), "type": value.get("type", "phone"),
+             "status": value.get("status", "active"), "label": value.get("label", "")}
+    if not isinstance(entry["name"], str) or not entry["name"]:
+        raise ValueError(f"extension {extension_id}: name must be a non-empty string")
+    if entry["type"] not in EXTENSION_TYPES:
+        raise ValueError(f"extension {extension_id}: type must be one of {sorted(EXTENSION_TYPES)}")
+    if entry["status"] not in EXTENSION_STATUSES:
+        raise ValueError(f"extension {extension_id}: status must be active or blocked")
+    if not isinstance(entry["label"], str):
+        raise ValueError(f"extension {extension_id}: label must be a string")
+    return int(extension_id), entry
+
+
+def _string(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _count(value: object) -> bool:
+    return _is_int(value) and value >= 0  # type: ignore[operator]
+
+
+# The callback body (§6): field → (check, what the refusal says it must be). `src_num` and
+# `dst_num` are required; the others may be absent or null ([I] the Go SDK sends null for
+# every option it does not set, so Telphin must take null as "not given").
+_CALLBACK_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "src_num": (
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(n, str) and n for n in v),
+        "a non-empty array of non-empty strings",
+    ),
+    "dst_num": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "caller_id_name": (_string, "a string"),
+    "caller_id_number": (_string, "a string"),
+    "src_caller_id_name": (_string, "a string"),
+    "src_caller_id_number": (_string, "a string"),
+    "src_ani": (_string, "a string"),
+    "dst_ani": (_string, "a string"),
+    "announce_sound_id": (_is_int, "an integer"),
+    "dst_announce_sound_id": (_is_int, "an integer"),
+    "dst_dtmf": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"[0-9*#Ww]*", v) is not None,
+        "a string of 0-9 * # W w",
+    ),
+    "allow_public_transfer": (lambda v: isinstance(v, bool), "a boolean"),
+    # [I] A negative duration or wait makes no sense; the notes give no bounds.
+    "call_duration": (_count, "an integer >= 0"),
+    "wait_for_pickup": (_count, "an integer >= 0"),
+    "transfer_after_src_hangup": (_string, "a string"),
+    "transfer_after_dst_hangup": (_string, "a string"),
+}
+_REQUIRED_CALLBACK_FIELDS = ("src_num", "dst_num")
+
+
+def _bad_request(message: str) -> TelphinError:
+    # [I] The notes give "4xx" for a refused callback; 400 is the natural one.
+    return TelphinError(400, {"message": message})
+
+
+def _check_callback(body: dict[str, Any]) -> None:
+    """Refuse the first problem, always naming the field: unknown, then missing, then type."""
+    # [I] Real Telphin may ignore an unknown (misspelt) field; the fake refuses it so a
+    # typo in the gateway cannot pass unnoticed.
+    unknown = sorted(set(body) - set(_CALLBACK_FIELDS))
+    if unknown:
+        raise _bad_request(f"{unknown[0]}: unknown field")
+    for name in _REQUIRED_CALLBACK_FIELDS:
+        if body.get(name) is None:
+            raise _bad_request(f"{name}: required")
+    for name, (check, expected) in _CALLBACK_FIELDS.items():
+        if body.get(name) is not None and not check(body[name]):
+            raise _bad_request(f"{name}: must be {expected}")
+
+
 @define
 class FakeTelphin:
     """
-    The Telphin endpoints the gateway calls: token grant and recording storage URLs.
+    The Telphin endpoints the gateway calls: token grant, who-am-I, the extension list,
+    recording storage URLs and click-to-call callbacks.
 
     Tokens expire by the injected clock and can all be revoked at once, so a test can
-    make the gateway meet a 401 and watch it fetch a new token.
+    make the gateway meet a 401 and watch it fetch a new token. Each accepted callback
+    is kept in `callbacks`, so a test can assert exactly what the gateway asked for.
     """
 
     clients: dict[str, str]
@@ -52,7 +177,12 @@ class FakeTelphin:
     token_lifetime: int = 3600
     records: dict[str, str] = field(factory=dict)
     faults: Faults = field(factory=Faults)
+    # extension id → {"id", "name": "7001*101", "type", "status", "label"} (§2's list item)
+    extensions: dict[int, dict[str, object]] = field(factory=dict)
+    user: dict[str, object] = field(factory=lambda: dict(DEFAULT_USER))
+    extension_page_size: int = DEFAULT_EXTENSION_PAGE_SIZE
     requests: list[dict[str, Any]] = field(factory=list, init=False)
+    callbacks: list[dict[str, Any]] = field(factory=list, init=False)
     tokens_issued: int = field(default=0, init=False)
     # access token → the clock time at which it stops working
     _tokens: dict[str, float] = field(factory=dict, init=False, repr=False)
@@ -68,8 +198,9 @@ class FakeTelphin:
         self._tokens.clear()
 
     def reset(self) -> None:
-        """Forget requests and tokens and clear the faults; clients and records stay."""
+        """Forget requests, callbacks and tokens and clear the faults; the configuration stays."""
         self.requests.clear()
+        self.callbacks.clear()
         self.tokens_issued = 0
         self._tokens.clear()
         self.faults.clear()
@@ -79,23 +210,50 @@ class FakeTelphin:
         """What the control app's `/_control/state` reports."""
         return {
             "requests": self.requests,
+            "callbacks": self.callbacks,
             "tokens_issued": self.tokens_issued,
             "tokens_valid": sum(1 for t in self._tokens.values() if t > self.clock.seconds()),
         }
 
     def setup(self, config: Mapping[str, object]) -> None:
-        """Add `records` (RecID → URL) and `clients` (id → secret); set `token_lifetime`."""
-        unknown = sorted(set(config) - {"records", "clients", "token_lifetime"})
+        """
+        Add `records` (RecID → URL), `clients` (id → secret) and `extensions` (id → name
+        such as `"7001*101"`, or → `{"name", "type", "status", "label"}`); override fields
+        of the who-am-I `user`; set `token_lifetime` and `extension_page_size`.
+
+        Everything is checked before anything changes.
+        """
+        unknown = sorted(set(config) - {
+            "records", "clients", "token_lifetime", "extensions", "user", "extension_page_size",
+        })
         if unknown:
             raise ValueError(f"unknown setup keys: {', '.join(unknown)}")
         records = _string_map(config.get("records", {}), "records")
         clients = _string_map(config.get("clients", {}), "clients")
         lifetime = config.get("token_lifetime", self.token_lifetime)
-        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or lifetime <= 0:
+        if not _is_int(lifetime) or lifetime <= 0:  # type: ignore[operator]
             raise ValueError("token_lifetime must be a positive integer")
+        page_size = config.get("extension_page_size", self.extension_page_size)
+        if not _is_int(page_size) or page_size <= 0:  # type: ignore[operator]
+            raise ValueError("extension_page_size must be a positive integer")
+        extensions = config.get("extensions", {})
+        if not isinstance(extensions, dict):
+            raise ValueError("extensions must be an object: id → name or object")
+        entries = dict(_extension_entry(k, v) for k, v in extensions.items())
+        user = config.get("user", {})
+        if not isinstance(user, dict):
+            raise ValueError("user must be an object")
+        unknown = sorted(set(user) - set(DEFAULT_USER))
+        if unknown:
+            raise ValueError(f"user: unknown fields: {', '.join(unknown)}")
+        if "client_id" in user and not _is_int(user["client_id"]):
+            raise ValueError("user: client_id must be an integer")
         self.records.update(records)
         self.clients.update(clients)
-        self.token_lifetime = lifetime
+        self.token_lifetime = lifetime  # type: ignore[assignment]
+        self.extension_page_size = page_size  # type: ignore[assignment]
+        self.extensions.update(entries)
+        self.user.update(user)
 
     async def _fault(self, request: IRequest) -> bytes | None:
         return await self.faults.intercept(
@@ -194,6 +352,79 @@ class FakeTelphin:
     ) -> bytes:
         return await self._storage_url(request, record_uuid)
 
+    async def _authorized(self, request: IRequest) -> bytes | None:
+        """Record, apply faults, demand a live token; a fault's body when one fires."""
+        self._record(request)
+        fault = await self._fault(request)
+        if fault is not None:
+            return fault
+        self._authorize(request)
+        return None
+
+    @app.route("/api/ver1.0/user/", methods=["GET"])
+    async def who_am_i(self, request: IRequest) -> bytes:
+        fault = await self._authorized(request)
+        if fault is not None:
+            return fault
+        return json_response(request, 200, self.user)
+
+    @app.route("/api/ver1.0/client/<client_id>/extension/", methods=["GET"])
+    async def extension_list(self, request: IRequest, client_id: str) -> bytes:
+        fault = await self._authorized(request)
+        if fault is not None:
+            return fault
+        # [I] Another client's id: the same 404 the unknown routes give.
+        if client_id not in ("@me", str(self.user["client_id"])):
+            raise TelphinError(404, {"message": "Not found"})
+        args = {k.decode("latin-1"): v[-1].decode("utf-8") for k, v in request.args.items()}
+        wanted = args.get("type")
+        if wanted is not None and wanted not in EXTENSION_TYPES:
+            raise _bad_request("type: must be one of fax, ivr, phone, queue")
+        page = args.get("page", "1")
+        # [I] Pages count from 1; a page past the end is an empty list.
+        if not _digits(page) or int(page) < 1:
+            raise _bad_request("page: must be an integer >= 1")
+        matching = [
+            dict(e) for _, e in sorted(self.extensions.items())
+            if wanted is None or e["type"] == wanted
+        ]
+        start = (int(page) - 1) * self.extension_page_size
+        return json_response(request, 200, matching[start:start + self.extension_page_size])
+
+    @app.route("/api/ver1.0/extension/<extension_id>/callback/", methods=["POST"])
+    async def callback(self, request: IRequest, extension_id: str) -> bytes:
+        fault = await self._authorized(request)
+        if fault is not None:
+            return fault
+        # [I] The extension is looked up before the body is read; 404 as for a record.
+        extension = self.extensions.get(int(extension_id)) if _digits(extension_id) else None
+        if extension is None:
+            raise TelphinError(404, {"message": "Extension not found"})
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise _bad_request("Content-Type: must be application/json")
+        try:
+            body = read_json_object(request)
+        except ValueError as e:
+            raise _bad_request(str(e)) from None
+        _check_callback(body)
+        # Shaped like the notes' constructed answer: a 32-hex call id (the events'
+        # CallID/CallBackID [I]) and a `cb-` call-API id made from it [I].
+        call_id = secrets.token_hex(16)
+        answer = {"call_api_id": f"cb-{call_id[:16]}", "call_id": call_id}
+        self.callbacks.append({
+            "extension_id": extension["id"],
+            "extension_name": extension["name"],
+            "src_num": body["src_num"],
+            "dst_num": body["dst_num"],
+            "caller_id_name": body.get("caller_id_name"),
+            "caller_id_number": body.get("caller_id_number"),
+            "body": body,
+            **answer,
+            "at": self.clock.seconds(),
+        })
+        return json_response(request, 200, answer)
+
     @app.route("/api/ver1.0/", branch=True)
     async def unknown(self, request: IRequest) -> bytes:
         # Anything else under the REST base is a request the fake was not built for:
@@ -220,9 +451,19 @@ def _record_arg(text: str) -> tuple[str, str]:
     return rec_id, url
 
 
+def _extension_arg(text: str) -> tuple[int, dict[str, object]]:
+    extension_id, sep, name = text.partition("=")
+    try:
+        return _extension_entry(extension_id, name if sep else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected ID=NAME, e.g. 200501=7001*101") from None
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client", type=_client, action="append", default=[], metavar="ID:SECRET")
     parser.add_argument("--record", type=_record_arg, action="append", default=[], metavar="RECID=URL")
+    parser.add_argument("--extension", type=_extension_arg, action="append", default=[],
+                        metavar="ID=NAME", help="a phone extension, e.g. 200501=7001*101")
     parser.add_argument("--token-lifetime", type=int, default=3600)
 
 
@@ -232,6 +473,7 @@ def _build(args: argparse.Namespace, reactor: Any) -> FakeTelphin:
         clock=reactor,
         token_lifetime=args.token_lifetime,
         records=dict(args.record),
+        extensions=dict(args.extension),
     )
 
 
