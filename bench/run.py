@@ -183,6 +183,7 @@ class Bench:
                         "queues": [sim.QUEUE], "ivrs": [sim.IVR]},
                 "crm": {"kind": "altegio", "api_url": crm_url, "partner_token": PARTNER,
                         "crm_token": str(uuid.UUID(int=number))},
+                "options": {"default_number": "74950000000"},
             })
             if status != 201:
                 raise RuntimeError(f"creating tenant {number}: {status} {body}")

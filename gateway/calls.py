@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import attrs
 
-from gateway.model import CLOSE_POPUP, POPUP, RECORD, Event, digits, e164
+from gateway.model import (ANSWERED, ATTACH, CLOSE_POPUP, FINISHED, POPUP, POPUP_UPDATE,
+                           RECORD, RECORDING, Event, digits, e164, legacy_outcome)
 
 PHONE, QUEUE, IVR = "phone", "queue", "ivr"
 INCOMING, OUTGOING, INTERNAL = "incoming", "outgoing", "internal"
@@ -62,8 +63,8 @@ class Leg:
     """
 
     __slots__ = ("key", "order", "kind", "flow", "extension", "sip", "peer", "did",
-                 "ring_at", "answer_at", "end_at", "status", "duration", "recording",
-                 "bridged", "transferred", "answered", "state")
+                 "ring_at", "answer_at", "end_at", "outcome", "duration", "recording",
+                 "bridged", "transferred", "answered", "state", "callback")
 
     def __init__(self, key: str, order: int) -> None:
         self.key = key
@@ -77,13 +78,14 @@ class Leg:
         self.ring_at = 0
         self.answer_at = 0
         self.end_at = 0
-        self.status = ""
+        self.outcome = ""
         self.duration = 0
         self.recording = ""
         self.bridged: bool | None = None
         self.transferred = False
         self.answered = False
         self.state = "new"  # new | ringing (not answered yet) | talking | ended (final)
+        self.callback = ""  # the click-to-call that rang this phone
 
     # Inputs: each returns the signals its outputs gave ("rang", "talked", ...).
 
@@ -114,6 +116,7 @@ class Leg:
         self.peer = self.peer or ev.peer
         self.did = self.did or ev.did
         self.transferred = self.transferred or ev.transferred
+        self.callback = self.callback or ev.callback
         if ev.bridged is not None:
             self.bridged = ev.bridged
         if self.extension in policy.ivrs:
@@ -134,9 +137,10 @@ class Leg:
 
     def _end(self, ev: Event) -> None:
         self.end_at = ev.at
-        self.status = ev.status
+        self.outcome = ev.outcome
         self.duration = ev.duration
-        self.recording = ev.recording
+        # A recording announced before the hangup (its own event) is kept.
+        self.recording = ev.recording or self.recording
 
     def _talked(self, ev: Event) -> str:
         self._end(ev)
@@ -151,7 +155,7 @@ class Leg:
         # The hangup came first (its ring and answer were lost or are late): its own
         # status is all there is to tell a talk from a miss.
         self._end(ev)
-        if ev.status == "ANSWER":
+        if ev.outcome == ANSWERED:
             self.answered = True
             return "talked"
         return "unseen"
@@ -177,6 +181,10 @@ class Leg:
         return self.state == "ended"
 
     def direction(self, policy: Policy) -> str:
+        if self.callback and self.kind == PHONE:
+            # Click-to-call rings the employee first (an incoming leg to the PBX), showing
+            # the number it then dials as the caller: the employee is calling out.
+            return INTERNAL if policy.is_extension(self.peer) else OUTGOING
         if self.flow == "out" and not self.transferred:
             return INTERNAL if policy.is_extension(self.peer) else OUTGOING
         # Incoming legs, and outgoing legs a forward created for an incoming call.
@@ -187,15 +195,21 @@ class Leg:
 
     @classmethod
     def from_state(cls, data: dict[str, Any]) -> "Leg":
+        if "status" in data:  # stored before outcomes were neutral
+            data = dict(data)
+            data["outcome"] = legacy_outcome(data.pop("status"))
         leg = cls(data["key"], data["order"])
         for name in cls.__slots__:
-            setattr(leg, name, data[name])
+            if name in data or name not in _LATER_SLOTS:
+                setattr(leg, name, data[name])
         if leg.state not in _LEG_STATES:
             raise ValueError(f"unknown leg state {leg.state!r}")
         return leg
 
 
 _LEG_STATES = {state for state, _ in Leg._MACHINE}
+# Slots added after states were first stored: absent from older rows, left at their default.
+_LATER_SLOTS = {"callback"}
 
 
 class Call:
@@ -217,12 +231,37 @@ class Call:
         self.state = "open"
 
     def event(self, ev: Event, policy: Policy) -> list[Effect]:
-        """An event of one of this call's legs."""
+        """An event of one of this call's legs, or a fact about the whole call."""
+        if ev.kind == RECORDING:
+            return self._recording(ev, policy)
+        if ev.kind == FINISHED:
+            # The PBX says the call is over: no grace to wait for, decide it now.
+            if self.state != "final":
+                self.started = min(self.started, ev.at) if self.started else ev.at
+                self.due = ev.received
+            return []
         if self.state == "final":
             return list(self._leg_effects(ev, policy, live=False))
         effects = list(self._leg_effects(ev, policy, live=True))
         self.due = ev.received + (policy.grace if self._all_ended() else policy.max_open)
         return effects
+
+    def _recording(self, ev: Event, policy: Policy) -> list[Effect]:
+        """A recording ready after its leg ended: attached to the record that went out;
+        before the hangup, kept for the record it will be part of."""
+        leg = self.legs.get(ev.leg)
+        # A recording of a leg not seen yet has nothing to attach to: a leg made from it
+        # alone would hold the call open as a phone that never rang.  [I]
+        if leg is None or not ev.recording or leg.recording == ev.recording:
+            return []
+        leg.recording = ev.recording
+        if not (leg.is_ended and leg.answered and leg.kind == PHONE):
+            return []
+        direction = leg.direction(policy)
+        if not self._passes_filter(leg, direction, policy):
+            return []
+        record = self._record(leg, direction, "success")
+        return [Effect(ATTACH, f"attach:{leg.key}:{ev.recording}", leg.key, record.payload)]
 
     def expire(self, policy: Policy) -> list[Effect]:
         """The due time passed with no further event: decide the call."""
@@ -261,21 +300,34 @@ class Call:
         if not self._passes_filter(leg, direction, policy):
             return
         for signal in signals:
-            if signal == "rang" and live and direction == INCOMING and leg.flow == "in":
-                yield Effect(POPUP, f"popup:{leg.key}", leg.key, self._popup(leg))
+            if signal == "rang" and live and self._shows_popup(leg, direction):
+                yield Effect(POPUP, f"popup:{leg.key}", leg.key, self._popup(leg, direction))
+            elif signal == "answered" and live and leg.ring_at and self._shows_popup(
+                    leg, direction):
+                yield Effect(POPUP_UPDATE, f"talking:{leg.key}", leg.key,
+                             {**self._popup(leg, direction), "state": "talking"})
             elif signal == "talked":
                 yield self._record(leg, direction, "success")
             elif signal == "unanswered":
                 if direction == OUTGOING or direction == INTERNAL and leg.flow == "out":
                     yield self._record(leg, direction, "missed")
                 elif direction == INCOMING and leg.ring_at:
-                    yield Effect(CLOSE_POPUP, f"close:{leg.key}", leg.key, self._popup(leg))
+                    yield Effect(CLOSE_POPUP, f"close:{leg.key}", leg.key,
+                                 {**self._popup(leg, direction), "outcome": leg.outcome})
             elif signal == "unseen" and leg.flow == "out" and direction != INCOMING:
                 yield self._record(leg, direction, "missed")
 
-    def _popup(self, leg: Leg) -> dict[str, Any]:
-        return {"direction": INCOMING, "client": leg.peer, "did": leg.did,
-                "extension": leg.extension, "sip": leg.sip, "at": leg.ring_at}
+    @staticmethod
+    def _shows_popup(leg: Leg, direction: str) -> bool:
+        """An incoming leg ringing a phone, or a phone dialling out: a CRM that has
+        pop-ups shows one (each CRM says which directions it supports)."""
+        return (direction == INCOMING and leg.flow == "in"
+                or direction == OUTGOING and (leg.flow == "out" or bool(leg.callback)))
+
+    def _popup(self, leg: Leg, direction: str) -> dict[str, Any]:
+        return {"direction": direction, "client": leg.peer, "did": leg.did,
+                "extension": leg.extension, "sip": leg.sip, "at": leg.ring_at,
+                "call_id": f"{self.tenant}-{self.key}-{leg.key}"}
 
     def _record(self, leg: Leg, direction: str, status: str, key: str | None = None,
                 started: int | None = None) -> Effect:
@@ -288,7 +340,7 @@ class Call:
             client = next((other.peer for other in self.legs.values()
                            if other.flow == "in" and other.peer), client)
         payload = {
-            "direction": direction, "status": status, "outcome": leg.status,
+            "direction": direction, "status": status, "outcome": leg.outcome,
             "duration": seconds, "client": client, "did": leg.did or self._did(),
             "extension": leg.extension, "sip": leg.sip,
             # A leg seen only by its hangup started a talk time before it.

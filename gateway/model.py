@@ -6,20 +6,18 @@ import json
 import re
 import secrets
 from typing import Any
+from urllib.parse import parse_qs, parse_qsl
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 import hyperlink
 
+from gateway import crm as crms
+from gateway import protocols as pbxs
 from gateway.errors import BadRequest
 
-PBX_KINDS = ("telphin",)
-CRM_KINDS = ("altegio",)
 ROUTINGS = ("extension", "sip")
 MAX_ID = 2**63 - 1  # the store keeps ids as 64-bit integers
-
-# Fields an operator may write but that are never returned or logged.
-SECRET_FIELDS = ("key", "pbx.client_secret", "crm.partner_token")
 
 # What a tenant's ``options`` may hold, with defaults.  Everything here changes how calls
 # are folded or delivered for that tenant only.
@@ -27,45 +25,29 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "timezone": "UTC",  # offset of the dates sent to the CRM
     "internal_calls": False,  # log calls between the tenant's own extensions
     "grace": 3.0,  # seconds a call waits for late queue/IVR hangups before it is final
-    "default_number": "",  # the company number sent when a call has no DID (outgoing)
+    # the company number sent when a call has no DID (outgoing); "" means the first of
+    # ``numbers``
+    "default_number": "",
+    # call-interactive: the PBX waits this long (seconds) for the responsible manager, and
+    # a CRM's answer is reused for this long before it is asked again
+    "interactive_deadline": 1.5,
+    "interactive_fresh": 300.0,
 }
 
 
 @attrs.frozen
-class PbxConfig:
-    """How to reach and read the tenant's PBX account."""
-
-    kind: str
-    login: str
-    api_url: str = ""
-    client_id: str = ""
-    client_secret: str = attrs.field(default="", repr=False)
-    # Short numbers of the account's queue and IVR extensions.  Telphin marks their events
-    # with ``Bridged`` but does not say which is which, and a queue beats an IVR.
-    queues: tuple[str, ...] = ()
-    ivrs: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class CrmConfig:
-    """How to reach the tenant's CRM account."""
-
-    kind: str
-    api_url: str
-    partner_token: str = attrs.field(default="", repr=False)
-    crm_token: str = ""
-
-
-@attrs.frozen
 class Tenant:
-    """One integration: a PBX account joined to a CRM account."""
+    """One integration: a PBX account joined to a CRM account.
+
+    ``pbx`` and ``crm`` are the config values their modules' schemas built (a
+    ``gateway.protocols.PbxConfig`` and a ``gateway.crm.CrmConfig`` subclass)."""
 
     id: int
     name: str
     enabled: bool
     key: str = attrs.field(repr=False)
-    pbx: PbxConfig
-    crm: CrmConfig
+    pbx: Any
+    crm: Any
     numbers: tuple[str, ...] = ()
     routing: str = "extension"
     employees: dict[str, str] = attrs.field(factory=dict)
@@ -75,14 +57,28 @@ class Tenant:
     def option(self, name: str) -> Any:
         return self.options.get(name, DEFAULT_OPTIONS[name])
 
+    @property
+    def company_number(self) -> str:
+        """The number a call with no DID of its own went through (an outgoing call)."""
+        return self.option("default_number") or (self.numbers[0] if self.numbers else "")
+
+    def secret_fields(self) -> tuple[str, ...]:
+        """Fields an operator may write but that are never returned or logged."""
+        return ("key", *(f"pbx.{name}" for name in pbxs.pbx_type(self.pbx.kind).secrets),
+                *(f"crm.{name}" for name in crms.crm_type(self.crm.kind).secrets))
+
     def to_json(self, secrets: bool = False) -> dict[str, Any]:
         """The tenant as the admin API and the store see it; secrets only when asked."""
         data = attrs.asdict(self, recurse=True)
         if not secrets:
-            data["secrets_set"] = {name: bool(_dig(data, name)) for name in SECRET_FIELDS}
-            del data["key"]
-            del data["pbx"]["client_secret"]
-            del data["crm"]["partner_token"]
+            hidden = self.secret_fields()
+            data["secrets_set"] = {name: bool(_dig(data, name)) for name in hidden}
+            for name in hidden:
+                *path, last = name.split(".")
+                section = data
+                for part in path:
+                    section = section[part]
+                del section[last]
         return data
 
     @classmethod
@@ -93,9 +89,8 @@ class Tenant:
             name=data["name"],
             enabled=data["enabled"],
             key=data["key"],
-            pbx=PbxConfig(**{**data["pbx"], "queues": tuple(data["pbx"].get("queues", ())),
-                             "ivrs": tuple(data["pbx"].get("ivrs", ()))}),
-            crm=CrmConfig(**data["crm"]),
+            pbx=pbxs.load_config(data["pbx"]),
+            crm=crms.load_config(data["crm"]),
             numbers=tuple(data.get("numbers", ())),
             routing=data.get("routing", "extension"),
             employees=dict(data.get("employees", {})),
@@ -129,37 +124,16 @@ def parse_tenant(body: Any, current: Tenant | None = None) -> Tenant:
         raise BadRequest("id", "cannot be changed")
     if not isinstance(tid, int) or isinstance(tid, bool) or not 0 < tid <= MAX_ID:
         raise BadRequest("id", "required: the application serial number, a positive integer")
-    name = _text(merged, "name", required=True)
+    name = field_text(merged, "name", required=True)
     enabled = merged.get("enabled", True)
     if not isinstance(enabled, bool):
         raise BadRequest("enabled", "must be true or false")
     key = merged.get("key") or secrets.token_urlsafe(24)
     if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_\-.~]{16,128}", key):
         raise BadRequest("key", "must be 16-128 URL-safe characters")
-    pbx = _section(merged, "pbx")
-    pbx_kind = _choice(pbx, "pbx.kind", PBX_KINDS)
-    login = _text(pbx, "pbx.login", required=True)
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", login):
-        raise BadRequest("pbx.login", "letters, digits, '.', '_' and '-' only")
-    pbx_cfg = PbxConfig(
-        kind=pbx_kind,
-        login=login,
-        api_url=_url(pbx, "pbx.api_url", required=False),
-        client_id=_text(pbx, "pbx.client_id"),
-        client_secret=_text(pbx, "pbx.client_secret"),
-        queues=_numbers(pbx, "pbx.queues"),
-        ivrs=_numbers(pbx, "pbx.ivrs"),
-    )
-    _only(pbx, "pbx", {f.name for f in attrs.fields(PbxConfig)})
-    crm = _section(merged, "crm")
-    crm_cfg = CrmConfig(
-        kind=_choice(crm, "crm.kind", CRM_KINDS),
-        api_url=_url(crm, "crm.api_url", required=True),
-        partner_token=_text(crm, "crm.partner_token", required=True),
-        crm_token=_text(crm, "crm.crm_token", required=True),
-    )
-    _only(crm, "crm", {f.name for f in attrs.fields(CrmConfig)})
-    numbers = _numbers(merged, "numbers")
+    pbx_cfg = pbxs.parse_config(merged.get("pbx"))
+    crm_cfg = crms.parse_config(merged.get("crm"))
+    numbers = field_numbers(merged, "numbers")
     routing = merged.get("routing", "extension")
     if routing not in ROUTINGS:
         raise BadRequest("routing", f"must be one of {', '.join(ROUTINGS)}")
@@ -178,7 +152,8 @@ def parse_tenant(body: Any, current: Tenant | None = None) -> Tenant:
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 600
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and 0 <= value <= OPTION_BOUNDS.get(opt, 600))
         else:
             ok = isinstance(value, str)
         if not ok:
@@ -187,9 +162,23 @@ def parse_tenant(body: Any, current: Tenant | None = None) -> Tenant:
         ZoneInfo(options.get("timezone", "UTC"))
     except (ZoneInfoNotFoundError, ValueError):
         raise BadRequest("options.timezone", "unknown time zone") from None
-    return Tenant(id=tid, name=name, enabled=enabled, key=key, pbx=pbx_cfg, crm=crm_cfg,
-                  numbers=numbers, routing=routing, employees=dict(employees),
-                  options=dict(options))
+    tenant = Tenant(id=tid, name=name, enabled=enabled, key=key, pbx=pbx_cfg, crm=crm_cfg,
+                    numbers=numbers, routing=routing, employees=dict(employees),
+                    options=dict(options))
+    crms.crm_type(crm_cfg.kind).check_tenant(tenant)
+    return tenant
+
+
+# Upper bounds of the numeric options (seconds); 600 for the others.
+OPTION_BOUNDS = {"interactive_deadline": 10.0, "interactive_fresh": 86400.0}
+
+
+def field_login(data: dict[str, Any], dotted: str) -> str:
+    """A PBX login: the last segment of the tenant's URLs."""
+    value = field_text(data, dotted, required=True)
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", value):
+        raise BadRequest(dotted, "1-64 letters, digits, '.', '_' and '-' only")
+    return value
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -202,20 +191,13 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
-    value = data.get(name)
-    if not isinstance(value, dict):
-        raise BadRequest(name, "required: an object")
-    return value
-
-
-def _only(data: dict[str, Any], prefix: str, allowed: set[str]) -> None:
+def field_only(data: dict[str, Any], prefix: str, allowed: set[str]) -> None:
     for name in data:
         if name not in allowed:
             raise BadRequest(f"{prefix}.{name}", "unknown field")
 
 
-def _text(data: dict[str, Any], dotted: str, required: bool = False) -> str:
+def field_text(data: dict[str, Any], dotted: str, required: bool = False) -> str:
     value = data.get(dotted.rsplit(".", 1)[-1], "")
     if not isinstance(value, str):
         raise BadRequest(dotted, "must be a string")
@@ -224,15 +206,15 @@ def _text(data: dict[str, Any], dotted: str, required: bool = False) -> str:
     return value.strip()
 
 
-def _choice(data: dict[str, Any], dotted: str, choices: tuple[str, ...]) -> str:
+def field_choice(data: dict[str, Any], dotted: str, choices: tuple[str, ...]) -> str:
     value = data.get(dotted.rsplit(".", 1)[-1])
     if value not in choices:
         raise BadRequest(dotted, f"must be one of {', '.join(choices)}")
     return value
 
 
-def _url(data: dict[str, Any], dotted: str, required: bool) -> str:
-    value = _text(data, dotted, required)
+def field_url(data: dict[str, Any], dotted: str, required: bool) -> str:
+    value = field_text(data, dotted, required)
     if value:
         try:
             url = hyperlink.URL.from_text(value)
@@ -243,7 +225,7 @@ def _url(data: dict[str, Any], dotted: str, required: bool) -> str:
     return value.rstrip("/")
 
 
-def _numbers(data: dict[str, Any], dotted: str) -> tuple[str, ...]:
+def field_numbers(data: dict[str, Any], dotted: str) -> tuple[str, ...]:
     value = data.get(dotted.rsplit(".", 1)[-1], [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise BadRequest(dotted, "must be a list of strings")
@@ -267,13 +249,69 @@ def e164(number: str) -> str:
 
 
 @attrs.frozen
+class Inbound:
+    """An HTTP request to a PBX or CRM route, as the web layer hands it to a module: the
+    path's ``name`` segment, and the query and body bytes (the body already bounded)."""
+
+    method: str
+    name: str
+    query: bytes
+    body: bytes
+    content_type: str  # lower case, without parameters
+    headers: dict[str, str] = attrs.field(factory=dict)  # lower-case names, last value
+
+    def form(self) -> dict[str, str]:
+        """Form fields from the query string and a form-encoded body; first value wins."""
+        if self.body and self.content_type not in ("", "application/x-www-form-urlencoded"):
+            raise BadRequest("Content-Type", "must be application/x-www-form-urlencoded",
+                             status=415)
+        fields: dict[str, str] = {}
+        for where, part in (("query", self.query), ("body", self.body)):
+            try:
+                # errors="strict": percent-encoded bytes must be UTF-8 too, or a field would
+                # be stored with replacement characters.
+                pairs = parse_qsl(part.decode("utf-8"), keep_blank_values=True,
+                                  strict_parsing=False, errors="strict")
+            except UnicodeDecodeError:
+                raise BadRequest(where, "not UTF-8 form data") from None
+            for name, value in pairs:
+                fields.setdefault(name, value)
+        return fields
+
+    def query_key(self) -> str:
+        """The ``key`` query parameter, read as any form parser reads it (percent-decoded:
+        ``?%6bey=`` is the key too, and is masked in the logs like ``?key=``)."""
+        keys = parse_qs(self.query.decode("latin-1"), errors="replace").get("key") or [""]
+        return keys[0]
+
+
+# Outcomes of a leg: the gateway's own words, each PBX module maps its statuses to them.
+ANSWERED, NO_ANSWER, BUSY, CANCELLED, FAILED_CALL = (
+    "answered", "no-answer", "busy", "cancelled", "failed")
+OUTCOMES = (ANSWERED, NO_ANSWER, BUSY, CANCELLED, FAILED_CALL)
+# Events stored before outcomes were neutral carry the PBX's own status (all of them from
+# the one PBX there was then, Telphin): read as the outcome it meant.
+_LEGACY_STATUS = {"ANSWER": ANSWERED, "NOANSWER": NO_ANSWER, "BUSY": BUSY,
+                  "CANCEL": CANCELLED, "": "", "CALLING": ""}
+
+# Event kinds: the three of a leg, and the call-level facts (leg and fields as known).
+RING, ANSWER, HANGUP = "ring", "answer", "hangup"
+RECORDING, FINISHED = "recording", "finished"  # a recording ready after the call; call over
+EVENT_KINDS = (RING, ANSWER, HANGUP, RECORDING, FINISHED)
+
+
+def legacy_outcome(status: str) -> str:
+    return _LEGACY_STATUS.get(status, FAILED_CALL)
+
+
+@attrs.frozen
 class Event:
     """One thing that happened to one leg of one call, whatever PBX reported it."""
 
     tenant: int
     call: str  # the PBX's call key (Telphin CallID)
     leg: str  # the PBX's leg key (Telphin SubCallID)
-    kind: str  # ring | answer | hangup
+    kind: str  # ring | answer | hangup | recording | finished
     flow: str  # in | out
     at: int  # PBX time, microseconds since the epoch
     received: float  # gateway time, seconds since the epoch (drives grace timers)
@@ -281,17 +319,20 @@ class Event:
     sip: str = ""  # the same as the PBX account names it ("7001*101")
     peer: str = ""  # the other party: caller on incoming legs, dialled number on outgoing
     did: str = ""  # the company number the call came through
-    status: str = ""  # PBX leg status (ANSWER, BUSY, NOANSWER, CANCEL, ...)
+    outcome: str = ""  # hangup: one of OUTCOMES, mapped by the PBX module; "" unknown
     duration: int = 0  # talk time, microseconds (hangup only)
     recording: str = ""  # PBX recording id (hangup only)
     bridged: bool | None = None  # set on queue/IVR events: answered after entering it
     transferred: bool = False  # an outgoing leg created by a forward
     callback: str = ""  # click-to-call correlation id
+    # What identifies the PBX's notification when its payload has no event time (set by
+    # its module; then ``at`` is the gateway's clock and differs between deliveries).
+    dedup: str = ""
 
     @property
     def natural_key(self) -> str:
         """What makes two deliveries the same PBX event: they are stored once."""
-        return f"{self.leg}|{self.kind}|{self.at}"
+        return f"{self.leg}|{self.kind}|{self.dedup or self.at}"
 
     def to_row(self) -> dict[str, Any]:
         # Not attrs.asdict: its generality cost a tenth of the store thread per event.
@@ -299,14 +340,20 @@ class Event:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Event":
+        if "status" in row:  # stored before outcomes were neutral
+            row = dict(row)
+            row["outcome"] = legacy_outcome(row.pop("status"))
         return cls(**row)
 
 
 _EVENT_FIELDS = tuple(a.name for a in attrs.fields(Event))
 
-# Actions: what to tell a CRM.  Lower priority numbers go first.
+# Actions: what to tell a CRM.  Lower priority numbers go first.  A pop-up update tells a
+# CRM that keeps one card per call that the leg was answered (``state`` talking) or ended
+# (finished); an attach is a recording that arrived after its record went out.
 POPUP, CLOSE_POPUP, RECORD, SETUP = "popup", "close_popup", "record", "setup"
-PRIORITY = {POPUP: 0, CLOSE_POPUP: 1, RECORD: 2, SETUP: 2}
+POPUP_UPDATE, ATTACH = "popup_update", "attach"
+PRIORITY = {POPUP: 0, POPUP_UPDATE: 1, CLOSE_POPUP: 1, RECORD: 2, ATTACH: 2, SETUP: 2}
 
 PENDING, DONE, DROPPED, FAILED, DEAD = "pending", "done", "dropped", "failed", "dead"
 ACTION_STATES = (PENDING, DONE, DROPPED, FAILED, DEAD)

@@ -7,21 +7,24 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway import outbox, web
-from gateway.crm import altegio
+from gateway import crm, outbox, protocols, web
 from gateway.engine import Engine
 from gateway.errors import Permanent, Retryable
 from gateway.httpclient import HttpClient
-from gateway.model import RECORD, SETUP, Action, Tenant
-from gateway.protocols.telphin import TelphinClient
+from gateway.crm import Command
+from gateway.lookup import Lookup
+from gateway.model import ATTACH, RECORD, SETUP, Action, Tenant, digits
 
 log = Logger()
 
-CRMS = {"altegio": altegio}
+# Call-interactive: a cached manager is served stale (when the CRM is slow) for this long,
+# and at most this many numbers are cached per tenant.
+INTERACTIVE_KEEP = 86400.0
+INTERACTIVE_ENTRIES = 10_000
 
 # How long folded events and finished calls are kept (duplicates are recognised within it),
 # and how long delivered actions and their attempts stay readable for operators.
@@ -49,10 +52,15 @@ class Gateway(MultiService):
         self.max_connections_per_ip = max_connections_per_ip
         self.tenants: dict[int, Tenant] = {}
         self.http = http or HttpClient(reactor)
-        self.telphin = TelphinClient(self.http, reactor)
+        # One instance of every registered module (they keep tokens and caches).
+        self.pbxs = {kind: protocols.pbx_type(kind)(self.http, reactor)
+                     for kind in protocols.KINDS}
+        self.crms = {kind: crm.crm_type(kind)(self.http, reactor, store)
+                     for kind in crm.KINDS}
         self.engine = Engine(store, reactor, self.tenants.get, self._supports, self._deliver)
         self.dispatcher = outbox.Dispatcher(store, reactor, self._perform, self._limits,
                                             dispatch, rng)
+        self.lookups: dict[int, tuple[float, Lookup]] = {}  # tenant → (fresh, its cache)
         self.ready = False
         self.sites: list[Any] = []
         self._pruning = LoopingCall(self._prune)
@@ -126,7 +134,7 @@ class Gateway(MultiService):
     # Wiring between the stages
 
     def _supports(self, tenant: Tenant, kind: str, payload: dict) -> bool:
-        return CRMS[tenant.crm.kind].supports(kind, payload)
+        return self.crms[tenant.crm.kind].supports(tenant, kind, payload)
 
     def _deliver(self, inserted: list[Action], dropped: list[int]) -> None:
         self.dispatcher.drop(dropped)
@@ -136,7 +144,7 @@ class Gateway(MultiService):
         tenant = self.tenants.get(action.tenant)
         if tenant is None:
             return []
-        return CRMS[tenant.crm.kind].limits(tenant)
+        return self.crms[tenant.crm.kind].limits(tenant)
 
     async def _perform(self, action: Action) -> tuple[str, int, str]:
         try:
@@ -157,10 +165,12 @@ class Gateway(MultiService):
         if tenant.deleted and action.kind != SETUP:
             raise Permanent(f"tenant {action.tenant} was deleted")
         link = None
-        recording = action.payload.get("recording") if action.kind == RECORD else None
-        if recording and tenant.pbx.api_url and tenant.pbx.client_id:
+        recording = action.payload.get("recording") if action.kind in (RECORD, ATTACH) else None
+        lookup = (self.pbxs[tenant.pbx.kind].recording_url(tenant, recording)
+                  if recording else None)
+        if lookup is not None:
             try:
-                link = await self.telphin.recording_url(tenant, recording)
+                link = await lookup
             except (Retryable, Permanent) as e:
                 if action.attempts + 1 < self.dispatcher.policy.recording_tries:
                     raise Retryable(f"recording {recording}: {e}", e.status, e.answer,
@@ -169,8 +179,59 @@ class Gateway(MultiService):
                          "resolved ({error}); the record goes without a link",
                          tenant=tenant.id, login=tenant.pbx.login, call=action.call,
                          recording=recording, error=str(e))
-        summary, resp = await CRMS[tenant.crm.kind].perform(self.http, tenant, action, link)
+        summary, resp = await self.crms[tenant.crm.kind].perform(tenant, action, link)
         return summary + (f" link={link}" if link else ""), resp.status, resp.excerpt()
+
+    # The synchronous paths
+
+    def pbx_prefixes(self) -> set[str]:
+        return {pbx.prefix for pbx in self.pbxs.values()}
+
+    def responsible(self, tenant: Tenant, number: str) -> Deferred:
+        """The extension of the caller's manager, or None, within the tenant's
+        ``interactive_deadline``: a fresh cached answer, else the CRM's, else a stale one,
+        else None (the IVR goes on to its next rule).  A CRM without the lookup: None."""
+        crm = self.crms[tenant.crm.kind]
+        if not crm.has_responsible:
+            return succeed(None)
+        fresh = float(tenant.option("interactive_fresh"))
+        cached = self.lookups.get(tenant.id)
+        if cached is None or cached[0] != fresh:
+            cached = self.lookups[tenant.id] = (fresh, Lookup(
+                self.reactor, fresh, max(fresh, INTERACTIVE_KEEP), INTERACTIVE_ENTRIES))
+        key = digits(number)
+        if not key:
+            return succeed(None)
+
+        def fetch() -> Any:
+            return crm.responsible(tenant, number)
+
+        d = cached[1].get(key, fetch, float(tenant.option("interactive_deadline")))
+        return d.addCallback(lambda answer: answer.value)
+
+    def command(self, tenant: Tenant, command: Command) -> Deferred:
+        """A CRM's click-to-call or hang-up, performed through the tenant's PBX."""
+        pbx = self.pbxs[tenant.pbx.kind]
+        if command.action == "hangup":
+            return maybeDeferred(pbx.hangup, tenant, command.call)
+        extension = self.extension_of(tenant, command.employee)
+        number = command.number.strip()
+        number = ("+" if number.startswith("+") else "") + digits(number)
+        return maybeDeferred(pbx.call, tenant, extension, number)
+
+    @staticmethod
+    def extension_of(tenant: Tenant, employee: str) -> str:
+        """The extension of an employee named by the CRM: its user id (through the tenant's
+        ``employees``), or an extension already."""
+        if employee in tenant.employees:
+            return employee
+        for extension, user in tenant.employees.items():
+            if user == employee:
+                return extension
+        if employee.isdigit() and len(employee) <= 5 or "*" in employee:
+            return employee
+        raise Permanent(f"employee {employee[:40]!r} has no extension: add it to the "
+                        "tenant's employees (extension → CRM user)")
 
     # Tenants (the admin API goes through here so the directory and the store agree)
 
@@ -179,7 +240,7 @@ class Gateway(MultiService):
         out: dict[tuple[str, str], list[int]] = {}
         for t in self.tenants.values():
             if t.enabled and not t.deleted:
-                out.setdefault((t.crm.kind, CRMS[t.crm.kind].account(t)), []).append(t.id)
+                out.setdefault((t.crm.kind, self.crms[t.crm.kind].account(t)), []).append(t.id)
         return out
 
     def sharing(self, tenant: Tenant,
@@ -187,7 +248,7 @@ class Gateway(MultiService):
         """The other live tenants on the same CRM account as ``tenant``."""
         if accounts is None:
             accounts = self.crm_accounts()
-        key = (tenant.crm.kind, CRMS[tenant.crm.kind].account(tenant))
+        key = (tenant.crm.kind, self.crms[tenant.crm.kind].account(tenant))
         return sorted(i for i in accounts.get(key, ()) if i != tenant.id)
 
     async def save_tenant(self, tenant: Tenant, previous: Tenant | None) -> None:

@@ -38,7 +38,7 @@ KEY = "tenant-key-0123456789abcdef"
 PBX_SECRET = "pbx-client-secret-9f8e7d"
 PARTNER = "partner-token-5a4b3c2d1e"
 CRM_TOKEN = "7cf262d6-1b2a-4c3d-9e8f-0a1b2c3d4ec2"
-SECRETS = (KEY, PBX_SECRET, PARTNER)
+SECRETS = (KEY, PBX_SECRET, PARTNER, CRM_TOKEN)
 
 MISSING = object()
 
@@ -268,16 +268,19 @@ async def test_create_answers_201_with_location_and_hides_secrets(gateway: Harne
     assert reply.header("Location") == "/api/v1/tenants/807"
     out = reply.json()
     assert out["id"] == 807 and out["name"] == "ACME" and out["enabled"] is True
-    assert out["pbx"]["login"] == "TLP55522" and out["crm"]["crm_token"] == CRM_TOKEN
+    assert out["pbx"]["login"] == "TLP55522" and "crm_token" not in out["crm"]
     assert out["numbers"] == ["74951234567"]
+    # The chain's crm_token is a secret too: with the partner token it writes into the
+    # chain's account.
     assert out["secrets_set"] == {"key": True, "pbx.client_secret": True,
-                                  "crm.partner_token": True}
+                                  "crm.partner_token": True, "crm.crm_token": True}
     assert "key" not in out, "a key the operator chose is not echoed"
     for secret in SECRETS:
         assert secret.encode() not in reply.body
     # The secrets were stored all the same.
     stored = gateway.gw.tenants[807]
-    assert (stored.key, stored.pbx.client_secret, stored.crm.partner_token) == SECRETS
+    assert (stored.key, stored.pbx.client_secret, stored.crm.partner_token,
+            stored.crm.crm_token) == SECRETS
 
 
 @pytest_twisted.ensureDeferred
@@ -315,7 +318,7 @@ async def test_secrets_never_appear_in_what_the_api_answers(gateway: Harness) ->
         answers.append(reply.body)
     listed = json.loads(answers[1])
     assert listed[0]["secrets_set"] == {"key": True, "pbx.client_secret": True,
-                                        "crm.partner_token": True}
+                                        "crm.partner_token": True, "crm.crm_token": True}
     for raw in answers:
         for secret in SECRETS:
             assert secret.encode() not in raw, (secret, raw)
@@ -441,7 +444,8 @@ async def test_patch_changes_only_what_it_names(gateway: Harness) -> None:
     for same in ("id", "enabled", "crm", "numbers", "routing", "employees", "secrets_set"):
         assert after[same] == before[same], same
     stored = gateway.gw.tenants[807]
-    assert (stored.key, stored.pbx.client_secret, stored.crm.partner_token) == SECRETS
+    assert (stored.key, stored.pbx.client_secret, stored.crm.partner_token,
+            stored.crm.crm_token) == SECRETS
     assert (await gateway.admin("GET", "/api/v1/tenants/807")).json() == after
     # The key still opens the webhooks.
     assert (await gateway.hook(DIAL_IN)).status == 200
@@ -480,7 +484,8 @@ async def test_concurrent_patches_both_apply(gateway: Harness) -> None:
     await gateway.create()
     results = await DeferredList(
         [ensureDeferred(gateway.admin("PATCH", "/api/v1/tenants/807", patch))
-         for patch in ({"name": "ACME Ltd"}, {"routing": "sip"}, {"numbers": []})],
+         for patch in ({"name": "ACME Ltd"}, {"routing": "sip"},
+                       {"numbers": [], "options": {"default_number": "74951234567"}})],
         fireOnOneErrback=True, consumeErrors=True)
     assert [r.status for _, r in results] == [200, 200, 200]
     stored = gateway.gw.tenants[807]

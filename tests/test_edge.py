@@ -143,7 +143,7 @@ ACCEPTED = [
      {"CallFlow": "out", "CallerExtension": "7001*102@" + "s" * (MAX_NUMBER - 9)},
      "sip", "7001*102"),
     (f"a CallStatus of {MAX_STATUS} characters", {"CallStatus": "a" * MAX_STATUS},
-     "status", "A" * MAX_STATUS),
+     "outcome", "failed"),
     ("a CallerIDNum with spaces around it", {"CallerIDNum": "  +79161234567 \r\n"},
      "peer", "+79161234567"),
     ("a CallerIDNum of 64 characters that is 12 with spaces",

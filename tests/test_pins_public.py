@@ -136,7 +136,7 @@ async def test_the_query_string_runs_from_its_first_question_mark_to_the_end(
     reply = await gateway.request("GET", f"{BASE}?key={KEY}&{fields}", content_type=None)
     assert reply.status == 200, reply.body
     [ev] = await gateway.events()
-    assert (ev.status, ev.at) == ("WHY?NOT", int(DIAL_IN["EventTime"]))
+    assert (ev.outcome, ev.at) == ("failed", int(DIAL_IN["EventTime"]))
 
 
 @pytest_twisted.ensureDeferred

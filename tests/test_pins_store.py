@@ -149,7 +149,7 @@ async def test_recent_calls_say_whether_final_and_when_updated(tmp_path: Any) ->
         assert calls[0]["started"] == 5
         assert calls[0]["legs"] == [{"key": "S1", "kind": "phone", "extension": "101",
                                      "peer": "+7916", "did": "7495", "state": "ended",
-                                     "status": "ANSWER"}]
+                                     "outcome": "answered"}]  # a leg stored with its PBX status
     finally:
         await store.stop()
 

@@ -150,8 +150,8 @@ async def test_a_get_with_the_fields_in_the_query_string_is_stored(gateway: Harn
     reply = await gateway.request("GET", path, content_type=None)
     assert (reply.status, reply.body) == (200, b"OK")
     [ev] = await gateway.events()
-    assert (ev.kind, ev.leg, ev.status, ev.duration, ev.recording) == (
-        "hangup", LEG, "ANSWER", 83479977, "200501-9F2C4A1B0D3E4F5A6B7C8D9E0F1A2B3C")
+    assert (ev.kind, ev.leg, ev.outcome, ev.duration, ev.recording) == (
+        "hangup", LEG, "answered", 83479977, "200501-9F2C4A1B0D3E4F5A6B7C8D9E0F1A2B3C")
 
 
 @pytest_twisted.ensureDeferred

@@ -30,7 +30,7 @@ def poison(call: str = CALL, at: float = 70) -> Event:
     """A hangup whose talk time no float can hold: ``round(duration / 1e6)`` overflows."""
     return Event(tenant=807, call=call, leg=leg("101"), kind="hangup", flow="in",
                  at=int((T0 + at) * 1_000_000), received=T0 + at, extension="101",
-                 sip="7001*101", peer="+79161234567", did="74951234567", status="ANSWER",
+                 sip="7001*101", peer="+79161234567", did="74951234567", outcome="answered",
                  duration=10**400)
 
 
@@ -55,7 +55,8 @@ async def test_a_poison_event_quarantines_its_call_and_the_log_goes_on(tmp_path:
         await f.settle(5)
         assert list(f.engine.quarantined) == [(807, CALL)]
         assert "OverflowError" in f.engine.quarantined[(807, CALL)]
-        assert kinds(f, OTHER) == [("popup", None), ("record", "success")]
+        assert kinds(f, OTHER) == [("popup", None), ("popup_update", None),
+                                   ("record", "success")]
         assert kinds(f, CALL) == []  # the failed batch's pop-up was not kept either
         head = (await f.store.stats())["log_head"]
         assert f.engine.cursor == head and f.engine.failing_since is None
@@ -113,7 +114,7 @@ async def test_later_events_of_a_quarantined_call_are_held_and_refolded_after_a_
 
         broken["on"] = False
         assert await f.engine.refold(807, CALL) is None
-        assert kinds(f, CALL) == [("popup", None), ("record", "success")]
+        assert kinds(f, CALL) == [("popup", None), ("popup_update", None), ("record", "success")]
         assert f.engine.quarantined == {} and await f.store.quarantine(None, 10) == []
         assert await f.engine.refold(807, CALL) is False  # nothing left to re-fold
         # Its next events fold as usual.

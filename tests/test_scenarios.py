@@ -339,7 +339,7 @@ async def test_a_failed_fold_loses_nothing(tmp_path: Any) -> None:
         f.clock.advance(f.engine.retry_delay)  # no webhook comes to poke it
         await f.engine.idle()
         assert [(a.kind, a.payload.get("status")) for a in f.produced] == [
-            ("popup", None), ("record", "success")]
+            ("popup", None), ("popup_update", None), ("record", "success")]
         assert f.engine.cursor == (await f.store.stats())["log_head"]
     finally:
         await f.stop()

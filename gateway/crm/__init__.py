@@ -1,1 +1,140 @@
-"""One module per CRM: turn actions into that CRM's requests."""
+"""The CRM seam: what every CRM module provides (``ICrm``), and the registry by ``kind``.
+
+A CRM module is one file here plus its fake and its tests.  It is handed CRM-neutral actions
+(gateway.model: pop-up, pop-up update, record, attach recording, contact, setup) whose payloads
+carry neutral values only (directions, outcomes, numbers, extensions, microsecond times), and
+maps them to its own API; an action it has no notion of is simply not supported.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import json
+import re
+from typing import Any
+
+import attrs
+from zope.interface import Attribute, Interface
+
+from gateway.errors import BadRequest
+from gateway.protocols import load
+
+
+@attrs.frozen
+class CrmConfig:
+    """What every CRM config has; a module's config class adds its own fields."""
+
+    kind: str
+    credential: int | None = None  # the named credentials it was built from, if any
+
+
+@attrs.frozen
+class Command:
+    """What a CRM asked the gateway to do on its PBX (click-to-call, hang-up)."""
+
+    action: str  # makecall | hangup
+    employee: str = ""  # the CRM's user id or the extension, as the CRM sent it
+    number: str = ""  # the number to dial (makecall)
+    call: str = ""  # the PBX's call id (hangup)
+
+
+class ICrm(Interface):
+    """One CRM.  An instance lives as long as the gateway (it may cache tokens and ids):
+    the class is called with (HttpClient, clock, store)."""
+
+    kind = Attribute("The registry key: a tenant's ``crm.kind``.")
+    secrets = Attribute("Config fields that are write-only: never returned, never logged.")
+    config_type = Attribute("The attrs class of its config (a CrmConfig subclass).")
+    has_responsible = Attribute("Whether ``responsible`` can answer (a CRM with no notion "
+                                "of a responsible manager answers every IVR with nobody).")
+    credential_fields = Attribute("Config fields a named credential may hold (login, "
+                                  "password, domain, tokens): one login, several tenants.")
+
+    def parse_config(section: dict) -> CrmConfig:
+        """A tenant's ``crm`` section validated into a config value; ``BadRequest`` naming
+        ``crm.<field>`` otherwise."""
+
+    def check_tenant(tenant: Any) -> None:
+        """Rules across the tenant's fields (BadRequest naming the field), at creation and
+        at every change."""
+
+    def account(tenant: Any) -> str:
+        """The CRM account the config names: tenants on one account share its setup."""
+
+    def supports(tenant: Any, kind: str, payload: dict) -> bool:
+        """Whether an action of this kind (with this payload) means anything to the CRM;
+        unsupported actions are never queued."""
+
+    def limits(tenant: Any) -> list:
+        """[(bucket, rate per second, burst)] the tenant's actions are sent under."""
+
+    def perform(tenant: Any, action: Any, link: str | None) -> Any:
+        """Deferred (summary, Response): send one action; ``Retryable`` / ``Permanent``
+        otherwise.  ``link`` is the recording's URL where the PBX gave one."""
+
+    def responsible(tenant: Any, number: str) -> Any:
+        """Deferred: the extension of the employee responsible for ``number``, or None;
+        ``NotImplementedError`` when the CRM has no such lookup."""
+
+    def command(request: Any, tenant: Any, action: str) -> Command:
+        """A CRM's request to its inbound route ``/crm/{tenant}/{action}/{login}``,
+        authenticated and parsed; ``BadRequest`` otherwise."""
+
+
+KINDS = {
+    "altegio": "gateway.crm.altegio:Altegio",
+}
+
+
+def crm_type(kind: str) -> Any:
+    module, name = KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parse_config(section: Any) -> CrmConfig:
+    if not isinstance(section, dict):
+        raise BadRequest("crm", "required: an object")
+    kind = section.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise BadRequest("crm.kind", f"must be one of {', '.join(KINDS)}")
+    return crm_type(kind).parse_config(section)
+
+
+def load_config(data: dict[str, Any]) -> CrmConfig:
+    return load(crm_type(data["kind"]).config_type, data)
+
+
+def plain_command(request: Any, tenant: Any, action: str) -> Command:
+    """The gateway's own click-to-call form, for CRMs that let an operator configure a
+    plain HTTP call (a button, a robot): a JSON object ``{"employee", "number"}`` for
+    ``makecall``, ``{"call"}`` for ``hangup``.  The tenant's ``?key=`` authenticates it."""
+    if not hmac.compare_digest(request.query_key().encode(), tenant.key.encode()):
+        raise BadRequest("key", "wrong or missing key", status=403)
+    if action not in ("makecall", "hangup"):
+        raise BadRequest("action", f"unknown action {action[:40]!r}; expected makecall or "
+                         "hangup", status=404)
+    try:
+        body = json.loads(request.body or b"null")
+    except ValueError:
+        raise BadRequest("body", "not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body", "must be a JSON object")
+    fields = {}
+    for name in ("employee", "number") if action == "makecall" else ("call",):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise BadRequest(name, "required: a string")
+        if len(value) > 128:
+            raise BadRequest(name, "longer than 128 characters")
+        fields[name] = value.strip()
+    number = fields.get("number")
+    if number is not None and not _DIALLABLE.fullmatch(number):
+        raise BadRequest("number", "digits, with an optional leading '+' and spaces, "
+                         "dashes or brackets between them")
+    return Command(action=action, **fields)
+
+
+_DIALLABLE = re.compile(r"\+?[0-9][0-9 ()\-]{0,30}")

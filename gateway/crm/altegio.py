@@ -6,11 +6,16 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import attrs
 import hyperlink
+from twisted.internet.defer import Deferred, ensureDeferred
+from zope.interface import implementer
 
-from gateway.errors import Permanent, Retryable
+from gateway.crm import Command, CrmConfig, ICrm, plain_command
+from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import HttpClient, Response, retry_after
-from gateway.model import POPUP, RECORD, SETUP, Action, Tenant, digits, e164
+from gateway.model import (POPUP, RECORD, SETUP, Action, Inbound, Tenant, digits, e164,
+                           field_only, field_text, field_url)
 
 ACCEPT = "application/vnd.api.v2+json"
 # Altegio allows 5 requests/s per source IP, whatever tenant they are for.  No burst: a
@@ -79,7 +84,7 @@ def build(tenant: Tenant, action: Action, link: str | None = None) -> dict[str, 
         # supports() keeps these out of the outbox; one queued before it did is refused
         # here, without a request Altegio would answer 422.
         raise ValueError("no client number: Altegio requires phone")
-    diversion = _plus(p["did"] or tenant.option("default_number"))
+    diversion = _plus(p["did"] or tenant.company_number)
     body = {"command": "event" if action.kind == POPUP else "history", "type": p["direction"],
             **base, "phone": _plus(client), "diversion": diversion}
     user = _user(tenant, p)
@@ -122,3 +127,72 @@ async def perform(http: HttpClient, tenant: Tenant, action: Action,
         raise Retryable(f"{summary}: HTTP {resp.status}", resp.status, resp.excerpt(),
                         retry_after(resp))
     raise Permanent(f"{summary}: HTTP {resp.status}", resp.status, resp.excerpt())
+
+
+@attrs.frozen
+class AltegioConfig(CrmConfig):
+    """An Altegio chain: the API host, the partner (developer) token that writes into any
+    chain that installed the integration, and the chain's ``crm_token`` (altegio.md §1)."""
+
+    api_url: str = ""
+    partner_token: str = attrs.field(default="", repr=False)
+    crm_token: str = attrs.field(default="", repr=False)
+
+
+@implementer(ICrm)
+class Altegio:
+    kind = "altegio"
+    # The crm_token names the chain to the partner token: with it, anyone holding the
+    # partner token writes into the chain's account.
+    secrets = ("partner_token", "crm_token")
+    config_type = AltegioConfig
+    credential_fields = ("api_url", "partner_token")
+    has_responsible = False
+
+    def __init__(self, http: HttpClient, clock: Any = None, store: Any = None) -> None:
+        self.http = http
+
+    @staticmethod
+    def parse_config(section: dict[str, Any]) -> AltegioConfig:
+        field_only(section, "crm", {f.name for f in attrs.fields(AltegioConfig)})
+        credential = section.get("credential")
+        return AltegioConfig(
+            kind="altegio",
+            api_url=field_url(section, "crm.api_url", required=True),
+            partner_token=field_text(section, "crm.partner_token", required=True),
+            crm_token=field_text(section, "crm.crm_token", required=True),
+            credential=credential if isinstance(credential, int) else None,
+        )
+
+    @staticmethod
+    def check_tenant(tenant: Tenant) -> None:
+        # Altegio requires ``diversion`` (the company number) on every call; an outgoing
+        # call has no DID of its own, so it takes options.default_number, else the first
+        # of numbers.  With neither, every outgoing record would be refused 422.
+        if not tenant.company_number:
+            raise BadRequest("options.default_number", "required when numbers is empty: "
+                             "Altegio needs the company number of outgoing calls")
+
+    @staticmethod
+    def account(tenant: Tenant) -> str:
+        return account(tenant)
+
+    @staticmethod
+    def supports(tenant: Tenant, kind: str, payload: dict[str, Any]) -> bool:
+        return supports(kind, payload)
+
+    @staticmethod
+    def limits(tenant: Tenant) -> list[tuple[str, float, int]]:
+        return limits(tenant)
+
+    def perform(self, tenant: Tenant, action: Action, link: str | None) -> Deferred:
+        return ensureDeferred(perform(self.http, tenant, action, link))
+
+    def responsible(self, tenant: Tenant, number: str) -> Deferred:
+        raise NotImplementedError("Altegio has no responsible-manager lookup")
+
+    @staticmethod
+    def command(request: Inbound, tenant: Tenant, action: str) -> Command:
+        # Altegio has no click-to-call of its own (altegio.md): the gateway's plain form,
+        # authenticated by the tenant's key, for a button an operator sets up.
+        return plain_command(request, tenant, action)

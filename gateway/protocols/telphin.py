@@ -1,22 +1,34 @@
-"""Telphin: its event webhooks parsed into normalised events, and its REST API (OAuth, recordings)."""
+"""Telphin: its event webhooks parsed into normalised events, its REST API (OAuth, recordings,
+click-to-call) and its call-interactive format (telphin.md)."""
 
 from __future__ import annotations
 
+import hmac
 import re
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
+from xml.sax.saxutils import escape, quoteattr
 
-from twisted.internet.defer import Deferred
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import HttpClient, retry_after
-from gateway.model import Event, Tenant
+from gateway.model import (ANSWERED, BUSY, CANCELLED, FAILED_CALL, NO_ANSWER, Event, Inbound,
+                           Tenant, field_numbers, field_only, field_text, field_url,
+                           field_login)
+from gateway.protocols import IPbx, PbxConfig
 
 log = Logger()
 
 # URL event segment / EventType → normalised event kind.
 EVENT_KINDS = {"dial-in": "ring", "dial-out": "ring", "answer": "answer", "hangup": "hangup"}
+# CallStatus of a hangup → the gateway's outcome; any other non-empty status (CONGESTION,
+# CHANUNAVAIL, ...) is a failure.  CALLING (dial-in/out) says nothing yet.
+OUTCOMES = {"ANSWER": ANSWERED, "NOANSWER": NO_ANSWER, "BUSY": BUSY, "CANCEL": CANCELLED,
+            "CALLING": "", "": ""}
 
 
 # Bounds on what a webhook may carry, checked before the event is stored; a value outside
@@ -162,7 +174,7 @@ def parse_event(fields: Mapping[str, str], url_event: str, tenant: int,
         sip=sip,
         peer=peer,
         did=text["CalledDID"],
-        status=text["CallStatus"].upper(),
+        outcome=OUTCOMES.get(text["CallStatus"].upper(), FAILED_CALL),
         duration=_int(fields, "Duration", False, 0, MAX_DURATION, lambda: (
             f"at most {MAX_DURATION} microseconds ({MAX_DURATION // 3_600_000_000} hours)")),
         recording=text["RecID"],
@@ -235,6 +247,30 @@ class TelphinClient:
                 _raise_for(resp, path)
             return resp.json()
 
+    async def _post(self, tenant: Tenant, path: str, body: dict[str, Any]) -> Any:
+        url = f"{tenant.pbx.api_url}/api/ver1.0{path}"
+        for fresh in (False, True):
+            token = await self._token(tenant, fresh=fresh)
+            resp = await self.http.request("POST", url, json=body, headers={
+                "Authorization": f"Bearer {token}", "Accept": "application/json"})
+            if resp.status == 401 and not fresh:
+                continue
+            if not 200 <= resp.status < 300:
+                _raise_for(resp, path)
+            return resp.json()
+
+    async def callback(self, tenant: Tenant, extension_id: str, extension: str,
+                       number: str) -> str:
+        """Ring ``extension`` first, then ``number`` (telphin.md §6), showing the dialled
+        number as the caller id so the employee can redial it (seed 002)."""
+        body = await self._post(tenant, f"/extension/{extension_id}/callback/", {
+            "src_num": [extension], "dst_num": number,
+            "caller_id_name": number, "caller_id_number": number})
+        call = body.get("call_id") if isinstance(body, dict) else None
+        if not isinstance(call, str) or not call:
+            raise Retryable("callback: no call_id in the answer")
+        return call
+
     async def recording_url(self, tenant: Tenant, recording: str) -> str:
         """A direct link to a recording (``RecID``), as Telphin's storage hands it out."""
         body = await self._get(tenant, f"/client/@me/record/{recording}/storage_url/")
@@ -242,6 +278,109 @@ class TelphinClient:
         if not isinstance(url, str) or not url:
             raise Retryable("storage_url: no record_url in the answer")
         return url
+
+
+@attrs.frozen
+class TelphinConfig(PbxConfig):
+    """A Telphin account: its login, and the REST application that reads its recordings and
+    places click-to-call calls (both optional: events arrive without them)."""
+
+    api_url: str = ""
+    client_id: str = ""
+    client_secret: str = attrs.field(default="", repr=False)
+    # Short extension → Telphin's extension id, for click-to-call (the callback API is
+    # addressed by id; telphin.md documents no lookup of ids by number).  [I]
+    extension_ids: dict[str, str] = attrs.field(factory=dict)
+    # The IVR variable call-interactive sets ("Transfer to number in variable" reads it).
+    variable: str = "number"
+
+
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
+
+
+@implementer(IPbx)
+class Telphin:
+    kind = "telphin"
+    prefix = "events"
+    secrets = ("client_secret",)
+    config_type = TelphinConfig
+
+    def __init__(self, http: HttpClient, clock: Any) -> None:
+        self.client = TelphinClient(http, clock)
+
+    @staticmethod
+    def parse_config(section: dict[str, Any]) -> TelphinConfig:
+        field_only(section, "pbx", {f.name for f in attrs.fields(TelphinConfig)})
+        ids = section.get("extension_ids", {})
+        if not isinstance(ids, dict) or not all(
+                isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool)
+                and str(v).isdigit() and len(str(v)) <= 20 for k, v in ids.items()):
+            raise BadRequest("pbx.extension_ids", "must map extensions to numeric ids")
+        variable = field_text(section, "pbx.variable") or "number"
+        if not _VARIABLE.fullmatch(variable):
+            raise BadRequest("pbx.variable", "1-32 letters, digits and '_', not starting with "
+                             "a digit")
+        credential = section.get("credential")
+        return TelphinConfig(
+            kind="telphin",
+            login=field_login(section, "pbx.login"),
+            api_url=field_url(section, "pbx.api_url", required=False),
+            client_id=field_text(section, "pbx.client_id"),
+            client_secret=field_text(section, "pbx.client_secret"),
+            queues=field_numbers(section, "pbx.queues"),
+            ivrs=field_numbers(section, "pbx.ivrs"),
+            extension_ids={k: str(v) for k, v in ids.items()},
+            variable=variable,
+            credential=credential if isinstance(credential, int) else None,
+        )
+
+    def authenticate(self, request: Inbound, tenant: Tenant) -> None:
+        # The key is part of the URL the PBX was given; a body field cannot stand in for it.
+        if not hmac.compare_digest(request.query_key().encode(), tenant.key.encode()):
+            raise BadRequest("key", "wrong or missing key", status=403)
+
+    def parse(self, request: Inbound, tenant: Tenant, received: float) -> list[Event]:
+        return [parse_event(request.form(), request.name, tenant.id, received)]
+
+    def recording_url(self, tenant: Tenant, recording: str) -> Deferred | None:
+        if not tenant.pbx.api_url or not tenant.pbx.client_id:
+            return None
+        return ensureDeferred(self.client.recording_url(tenant, recording))
+
+    def interactive_number(self, request: Inbound) -> str:
+        fields = request.form()
+        number = fields.get("CallerIDNum", "").strip()
+        if not number:
+            raise BadRequest("CallerIDNum", "required")
+        if len(number) > MAX_NUMBER or _CONTROL.search(number):
+            raise BadRequest("CallerIDNum", f"not a number of at most {MAX_NUMBER} characters")
+        return number
+
+    def interactive_answer(self, tenant: Tenant, extension: str | None) -> tuple[bytes, bytes]:
+        """``<SetVar>`` with the manager's extension (telphin.md §5.2-5.3), or an empty
+        ``<Response/>`` so the IVR goes on to its next rule."""
+        head = '<?xml version="1.0" encoding="UTF-8"?>\n'
+        if not extension:
+            return b"text/xml; charset=utf-8", (head + "<Response/>\n").encode()
+        name = quoteattr(tenant.pbx.variable)
+        return b"text/xml; charset=utf-8", (
+            f"{head}<Response><SetVar name={name}>{escape(extension)}</SetVar></Response>\n"
+        ).encode()
+
+    def call(self, tenant: Tenant, extension: str, number: str) -> Deferred:
+        if not tenant.pbx.api_url or not tenant.pbx.client_id:
+            raise Permanent("click-to-call needs pbx.api_url, pbx.client_id and "
+                            "pbx.client_secret (a Telphin REST application)")
+        short = extension.split("*")[-1]
+        extension_id = tenant.pbx.extension_ids.get(short)
+        if not extension_id:
+            raise Permanent(f"pbx.extension_ids has no id for extension {short}: add "
+                            f'"{short}": "<its id in the Telphin cabinet>"')
+        return ensureDeferred(self.client.callback(tenant, extension_id, short, number))
+
+    def hangup(self, tenant: Tenant, call: str) -> Deferred:
+        raise NotImplementedError("Telphin's REST API as documented (telphin.md) has no way "
+                                  "to end a call")
 
 
 def _raise_for(resp: Any, what: str) -> None:

@@ -13,7 +13,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from gateway.model import DEAD, DROPPED, FAILED, PENDING, POPUP, Action, Attempt, Event, Tenant
+from gateway.model import (DEAD, DROPPED, FAILED, PENDING, POPUP, Action, Attempt, Event, Tenant,
+                           legacy_outcome)
 from gateway.store import IStore
 from gateway.store.schema import MIGRATIONS
 
@@ -411,8 +412,9 @@ class SQLiteStore:
                 state = json.loads(data)
                 out.append({"call": key, "final": bool(final), "updated": updated,
                             "started": state["started"],
-                            "legs": [{k: leg[k] for k in ("key", "kind", "extension", "peer",
-                                                          "did", "state", "status")}
+                            "legs": [{**{k: leg[k] for k in ("key", "kind", "extension",
+                                                             "peer", "did", "state")},
+                                      "outcome": _outcome(leg)}
                                      for leg in state["legs"]],
                             "actions": self._with_attempts(rows)})
             return out
@@ -510,3 +512,10 @@ def _action(row: tuple) -> Action:
     return Action(tenant=tenant, call=call, leg=leg, kind=kind, key=key,
                   payload=json.loads(payload), created=created, id=id_, state=state,
                   attempts=attempts, next_at=next_at, last_error=last_error)
+
+
+def _outcome(leg: dict[str, Any]) -> str:
+    """A stored leg's outcome (legs stored before outcomes were neutral have a status)."""
+    if "outcome" in leg:
+        return leg["outcome"]
+    return legacy_outcome(leg.get("status", ""))

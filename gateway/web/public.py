@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, unquote
+from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet import defer
@@ -13,9 +12,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from gateway.errors import BadRequest
-from gateway.model import Tenant
-from gateway.protocols import telphin
+from gateway.errors import BadRequest, Permanent, Retryable
+from gateway.model import Inbound, Tenant
 from gateway.web import json_response, loggable_uri
 
 log = Logger()
@@ -26,29 +24,23 @@ HEALTH_TIMEOUT = 2.0
 HEALTH_QUIET = 5.0
 
 
-def _form(request: IRequest, max_body: int) -> dict[str, str]:
-    """Form fields from the query string and a form-encoded body; first value wins."""
-    fields: dict[str, str] = {}
+def _inbound(request: IRequest, name: str, max_body: int) -> Inbound:
+    """The request as a module sees it: the body read up to ``max_body`` (the site refused
+    a longer Content-Length before reading; this catches a chunked one)."""
     query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
     body = request.content.read(max_body + 1) if request.content is not None else b""
     if len(body) > max_body:
         raise BadRequest("body", f"larger than {max_body} bytes", status=413)
-    if body:
-        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if ctype not in (b"", b"application/x-www-form-urlencoded"):
-            raise BadRequest("Content-Type", "must be application/x-www-form-urlencoded",
-                             status=415)
-    for where, part in (("query", query), ("body", body)):
-        try:
-            # errors="strict": percent-encoded bytes must be UTF-8 too, or a field would be
-            # stored with replacement characters.
-            pairs = parse_qsl(part.decode("utf-8"), keep_blank_values=True,
-                              strict_parsing=False, errors="strict")
-        except UnicodeDecodeError:
-            raise BadRequest(where, "not UTF-8 form data") from None
-        for name, value in pairs:
-            fields.setdefault(name, value)
-    return fields
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    return Inbound(method=request.method.decode("ascii", "replace"), name=name, query=query,
+                   body=body, content_type=ctype.decode("latin-1"))
+
+
+def _json_answer(request: IRequest, status: int, body: Any) -> None:
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    request.write(json_response(request, body, status))
+    request.finish()
 
 
 def _answer(request: IRequest, status: int, content_type: bytes, body: bytes) -> None:
@@ -62,9 +54,11 @@ def _answer(request: IRequest, status: int, content_type: bytes, body: bytes) ->
 
 
 class _Root(Resource):
-    """``/events/…`` (every PBX webhook: the hot path) is a plain twisted.web handler;
-    anything else goes to the Klein app.  Klein's routing (werkzeug) cost about a tenth of
-    the CPU of each webhook, and its async handler another share (``make bench``)."""
+    """The PBX webhooks (``/{prefix}/{tenant}/{event}/{login}``, each PBX module's prefix:
+    the hot path), call-interactive (``/cid/…``) and the CRMs' requests (``/crm/…``) are
+    plain twisted.web handlers; anything else goes to the Klein app.  Klein's routing
+    (werkzeug) cost about a tenth of the CPU of each webhook, and its async handler another
+    share (``make bench``)."""
 
     isLeaf = True
 
@@ -72,10 +66,15 @@ class _Root(Resource):
         super().__init__()
         self.site = site
         self.klein = site.app.resource()
+        self.handlers = {prefix.encode(): site.webhook
+                         for prefix in site.gateway.pbx_prefixes()}
+        self.handlers[b"cid"] = site.interactive
+        self.handlers[b"crm"] = site.crm_request
 
     def render(self, request: IRequest) -> Any:
-        if request.postpath[:1] == [b"events"]:
-            return self.site.telphin_event(request)
+        handler = self.handlers.get(request.postpath[0] if request.postpath else b"")
+        if handler is not None:
+            return handler(request)
         return self.klein.render(request)
 
 
@@ -90,7 +89,13 @@ class PublicSite:
     def resource(self) -> Any:
         return _Root(self)
 
-    def _tenant(self, request: IRequest, tenant_id: str, login: str) -> Tenant:
+    def _route(self, request: IRequest, shape: str) -> tuple[Tenant, str, str]:
+        """(tenant, name, login) of ``/{prefix}/{tenant}/{name}/{login}``; the tenant must
+        exist with that PBX login (404 otherwise: nothing tells an unknown id from a wrong
+        login)."""
+        if len(request.postpath) != 4:
+            raise BadRequest("path", f"expected {shape}", status=404)
+        tenant_id, name, login = (unquote(p.decode("latin-1")) for p in request.postpath[1:])
         # ASCII digits only (int() refuses some Unicode digits, "²", that isdigit() allows),
         # and not so many that int() refuses them either.
         number = (int(tenant_id) if tenant_id.isascii() and tenant_id.isdigit()
@@ -99,16 +104,12 @@ class PublicSite:
         if tenant is None or tenant.deleted or tenant.pbx.login != login:
             raise BadRequest("tenant", f"no tenant {tenant_id[:20]} with PBX login "
                              f"{login[:40]}", status=404)
-        # The key is part of the URL the PBX was given; a body field cannot stand in for it.
-        # Its name is read as any form parser reads it, percent-decoded: ``?%6bey=`` is the
-        # key too (and is masked in the logs like ``?key=``, gateway.web.mask).
-        query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
-        keys = parse_qs(query.decode("latin-1"), errors="replace").get("key") or [""]
-        if not hmac.compare_digest(keys[0].encode(), tenant.key.encode()):
-            raise BadRequest("key", "wrong or missing key", status=403)
+        return tenant, name, login
+
+    @staticmethod
+    def _enabled(tenant: Tenant) -> None:
         if not tenant.enabled:
             raise BadRequest("tenant", f"tenant {tenant.id} is disabled", status=403)
-        return tenant
 
     def reject(self, request: IRequest, error: BadRequest) -> bytes:
         request.setResponseCode(error.status)
@@ -119,44 +120,127 @@ class PublicSite:
                  uri=loggable_uri(request), status=error.status, error=str(error))
         return f"{error}\n".encode()
 
-    def telphin_event(self, request: IRequest) -> bytes | int:
-        """``/events/<tenant>/<event>/<login>``: store the event, then answer "OK"."""
-        if request.method not in (b"GET", b"POST"):
-            request.setResponseCode(405)
-            request.setHeader(b"Allow", b"GET, POST")
-            # No body for HEAD: twisted.web would log a warning (with the request) for one.
-            if request.method == b"HEAD":
-                return b""
-            return b"method not allowed: use GET or POST\n"
+    @staticmethod
+    def _methods(request: IRequest, allowed: tuple[bytes, ...]) -> bytes | None:
+        """The 405 answer's body for a method not in ``allowed``, else None."""
+        if request.method in allowed:
+            return None
+        request.setResponseCode(405)
+        request.setHeader(b"Allow", b", ".join(allowed))
+        # No body for HEAD: twisted.web would log a warning (with the request) for one.
+        if request.method == b"HEAD":
+            return b""
+        return f"method not allowed: use {' or '.join(m.decode() for m in allowed)}\n".encode()
+
+    def webhook(self, request: IRequest) -> bytes | int:
+        """``/<prefix>/<tenant>/<event>/<login>``: the tenant's PBX module parses it into
+        events; they are stored, then answered "OK"."""
+        refused = self._methods(request, (b"GET", b"POST"))
+        if refused is not None:
+            return refused
+        prefix = request.postpath[0].decode()
         try:
-            if len(request.postpath) != 4:
-                raise BadRequest("path", "expected /events/<tenant>/<event>/<login>",
-                                 status=404)
-            tenant_id, event, login = (unquote(p.decode("latin-1"))
-                                       for p in request.postpath[1:])
-            tenant = self._tenant(request, tenant_id, login)
-            fields = _form(request, self.gateway.max_body)
-            ev = telphin.parse_event(fields, event, tenant.id,
-                                     self.gateway.reactor.seconds())
+            tenant, event, login = self._route(request, f"/{prefix}/<tenant>/<event>/<login>")
+            pbx = self.gateway.pbxs[tenant.pbx.kind]
+            if pbx.prefix != prefix:
+                raise BadRequest("path", f"tenant {tenant.id} is a {tenant.pbx.kind} tenant: "
+                                 f"its webhooks go to /{pbx.prefix}/", status=404)
+            inbound = _inbound(request, event, self.gateway.max_body)
+            pbx.authenticate(inbound, tenant)
+            self._enabled(tenant)
+            events = pbx.parse(inbound, tenant, self.gateway.reactor.seconds())
         except BadRequest as error:
             return self.reject(request, error)
-        self.gateway.store.append([ev]).addCallbacks(
-            self._stored, self._not_stored, callbackArgs=(request, ev),
-            errbackArgs=(request, tenant, login, ev)).addErrback(
+        call = events[0].call if events else ""
+        self.gateway.store.append(events).addCallbacks(
+            self._stored, self._not_stored, callbackArgs=(request, events),
+            errbackArgs=(request, tenant, login, call)).addErrback(
             lambda f: log.failure("tenant {tenant} ({login}) call {call}: answering failed",
-                                  f, tenant=tenant.id, login=login, call=ev.call))
+                                  f, tenant=tenant.id, login=login, call=call))
         return NOT_DONE_YET
 
-    def _stored(self, seqs: list[int | None], request: IRequest, ev: Any) -> None:
-        self.gateway.engine.poke(zip(seqs, [ev]))
+    def _stored(self, seqs: list[int | None], request: IRequest, events: list) -> None:
+        self.gateway.engine.poke(zip(seqs, events))
         _answer(request, 200, b"text/plain", b"OK")
 
     def _not_stored(self, failure: Any, request: IRequest, tenant: Tenant, login: str,
-                    ev: Any) -> None:
+                    call: str) -> None:
         # Not stored, so not "200": the PBX may try again.
         log.failure("tenant {tenant} ({login}) call {call}: append failed", failure,
-                    tenant=tenant.id, login=login, call=ev.call)
+                    tenant=tenant.id, login=login, call=call)
         _answer(request, 503, b"text/plain", b"store unavailable, not stored\n")
+
+    def interactive(self, request: IRequest) -> bytes | int:
+        """``/cid/<tenant>/getmanager/<login>``: the IVR asks who the caller's manager is
+        and waits; the answer comes within the tenant's deadline, whatever the CRM does."""
+        refused = self._methods(request, (b"GET", b"POST"))
+        if refused is not None:
+            return refused
+        try:
+            tenant, name, login = self._route(request, "/cid/<tenant>/getmanager/<login>")
+            if name != "getmanager":
+                raise BadRequest("path", f"unknown call-interactive request {name[:40]!r}; "
+                                 "expected getmanager", status=404)
+            pbx = self.gateway.pbxs[tenant.pbx.kind]
+            inbound = _inbound(request, name, self.gateway.max_body)
+            pbx.authenticate(inbound, tenant)
+            self._enabled(tenant)
+            number = pbx.interactive_number(inbound)
+        except BadRequest as error:
+            return self.reject(request, error)
+
+        def answer(extension: str | None) -> None:
+            ctype, body = pbx.interactive_answer(tenant, extension)
+            _answer(request, 200, ctype, body)
+
+        self.gateway.responsible(tenant, number).addCallback(answer).addErrback(
+            lambda f: log.failure("tenant {tenant} ({login}): call-interactive failed", f,
+                                  tenant=tenant.id, login=login))
+        return NOT_DONE_YET
+
+    def crm_request(self, request: IRequest) -> bytes | int:
+        """``POST /crm/<tenant>/<action>/<login>``: a CRM asks the PBX to place a call
+        (``makecall``) or end one (``hangup``), authenticated as its CRM module says.
+        Answers JSON: ``{"ok": true, "call": id}``, or ``{"error"}`` saying what to fix."""
+        refused = self._methods(request, (b"POST",))
+        if refused is not None:
+            return refused
+        try:
+            tenant, action, login = self._route(request, "/crm/<tenant>/<action>/<login>")
+            inbound = _inbound(request, action, self.gateway.max_body)
+            command = self.gateway.crms[tenant.crm.kind].command(inbound, tenant, action)
+            self._enabled(tenant)
+        except BadRequest as error:
+            self.reject(request, error)
+            return json_response(request, {"error": str(error), "field": error.field},
+                                 error.status)
+
+        def done(call: Any) -> None:
+            log.info("tenant {tenant} ({login}): {action} {employee} → {number}: call {call}",
+                     tenant=tenant.id, login=login, action=command.action,
+                     employee=command.employee, number=command.number, call=call)
+            _json_answer(request, 200, {"ok": True, "call": call})
+
+        def failed(f: Any) -> None:
+            error = f.value
+            if isinstance(error, NotImplementedError):
+                status, text = 501, str(error)
+            elif isinstance(error, Permanent):
+                status, text = 422, str(error)
+            elif isinstance(error, Retryable):
+                status, text = 502, f"the PBX did not take it, try again: {error}"
+            else:
+                log.failure("tenant {tenant} ({login}): {action} failed", f,
+                            tenant=tenant.id, login=login, action=command.action)
+                status, text = 500, "internal error (logged)"
+            log.info("tenant {tenant} ({login}): {action} refused: {status} {error}",
+                     tenant=tenant.id, login=login, action=command.action, status=status,
+                     error=text)
+            _json_answer(request, status, {"error": text})
+
+        self.gateway.command(tenant, command).addCallbacks(done, failed).addErrback(
+            lambda f: log.failure("answering failed", f))
+        return NOT_DONE_YET
 
     @app.route("/healthz", methods=["GET"])
     async def healthz(self, request: IRequest) -> bytes:

@@ -339,6 +339,7 @@ def tenant_body(telphin: Fake, altegio: Fake, key: str) -> dict[str, Any]:
                 "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
         "crm": {"kind": "altegio", "api_url": altegio.url, "partner_token": PARTNER_TOKEN,
                 "crm_token": CRM_TOKEN},
+        "options": {"default_number": "74951234567"},
     }
 
 

@@ -75,6 +75,7 @@ def deploy(procs: Processes, extra: tuple[str, ...] = ()) -> tuple[Gateway, Secr
                 "client_id": CLIENT_ID, "client_secret": s.client_secret},
         "crm": {"kind": "altegio", "api_url": altegio.url, "partner_token": s.partner_token,
                 "crm_token": CRM_TOKEN},
+        "options": {"default_number": "74951234567"},
     })
     assert code == 201, body
     wait_for(lambda: CRM_TOKEN in altegio.state()["enabled"], 10, "setup/enable")
