@@ -12,8 +12,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
 from gateway.crm import Command, CrmConfig, ICrm, plain_command
-from gateway.errors import BadRequest, Permanent, Retryable
-from gateway.httpclient import HttpClient, Response, retry_after
+from gateway.errors import BadRequest, Permanent
+from gateway.httpclient import HttpClient, Response, raise_for
 from gateway.model import (POPUP, RECORD, SETUP, Action, Inbound, Tenant, digits, e164,
                            field_only, field_text, field_url)
 
@@ -121,12 +121,7 @@ async def perform(http: HttpClient, tenant: Tenant, action: Action,
         "Accept": ACCEPT,
         "Authorization": f"Bearer {tenant.crm.partner_token}",
     })
-    if 200 <= resp.status < 300:
-        return summary, resp
-    if resp.status == 429 or resp.status >= 500 or resp.status == 408:
-        raise Retryable(f"{summary}: HTTP {resp.status}", resp.status, resp.excerpt(),
-                        retry_after(resp))
-    raise Permanent(f"{summary}: HTTP {resp.status}", resp.status, resp.excerpt())
+    return summary, raise_for(resp, summary)
 
 
 @attrs.frozen

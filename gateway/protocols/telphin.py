@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.errors import BadRequest, Permanent, Retryable
-from gateway.httpclient import HttpClient, retry_after
+from gateway.httpclient import HttpClient, raise_for
 from gateway.model import (ANSWERED, BUSY, CANCELLED, FAILED_CALL, NO_ANSWER, Event, Inbound,
                            Tenant, field_numbers, field_only, field_text, field_url,
                            field_login)
@@ -224,8 +224,7 @@ class TelphinClient:
             "client_id": tenant.pbx.client_id,
             "client_secret": tenant.pbx.client_secret,
         })
-        if resp.status != 200:
-            _raise_for(resp, "token")
+        raise_for(resp, "token")
         try:
             body = resp.json()
             token, lifetime = body["access_token"], float(body.get("expires_in", 3600))
@@ -243,9 +242,7 @@ class TelphinClient:
                 "Authorization": f"Bearer {token}", "Accept": "application/json"})
             if resp.status == 401 and not fresh:
                 continue  # the token expired early or was revoked: renew it once
-            if resp.status != 200:
-                _raise_for(resp, path)
-            return resp.json()
+            return raise_for(resp, path).json()
 
     async def _post(self, tenant: Tenant, path: str, body: dict[str, Any]) -> Any:
         url = f"{tenant.pbx.api_url}/api/ver1.0{path}"
@@ -255,9 +252,7 @@ class TelphinClient:
                 "Authorization": f"Bearer {token}", "Accept": "application/json"})
             if resp.status == 401 and not fresh:
                 continue
-            if not 200 <= resp.status < 300:
-                _raise_for(resp, path)
-            return resp.json()
+            return raise_for(resp, path).json()
 
     async def callback(self, tenant: Tenant, extension_id: str, extension: str,
                        number: str) -> str:
@@ -381,10 +376,3 @@ class Telphin:
     def hangup(self, tenant: Tenant, call: str) -> Deferred:
         raise NotImplementedError("Telphin's REST API as documented (telphin.md) has no way "
                                   "to end a call")
-
-
-def _raise_for(resp: Any, what: str) -> None:
-    if resp.status == 429 or resp.status >= 500:
-        raise Retryable(f"{what}: HTTP {resp.status}", resp.status, resp.excerpt(),
-                        retry_after(resp))
-    raise Permanent(f"{what}: HTTP {resp.status}", resp.status, resp.excerpt())

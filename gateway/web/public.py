@@ -1,4 +1,4 @@
-"""The public site: PBX webhooks (Telphin events) and the health check."""
+"""The public site: PBX webhooks, call-interactive, the CRMs' click-to-call, and the health check."""
 
 from __future__ import annotations
 
@@ -201,7 +201,8 @@ class PublicSite:
     def crm_request(self, request: IRequest) -> bytes | int:
         """``POST /crm/<tenant>/<action>/<login>``: a CRM asks the PBX to place a call
         (``makecall``) or end one (``hangup``), authenticated as its CRM module says.
-        Answers JSON: ``{"ok": true, "call": id}``, or ``{"error"}`` saying what to fix."""
+        Answers JSON: ``{"ok": true, "call": id}``, or ``{"error"}`` saying what to fix: 422
+        for what the tenant's config or the PBX cannot do, 502 when the PBX did not answer."""
         refused = self._methods(request, (b"POST",))
         if refused is not None:
             return refused
@@ -223,9 +224,7 @@ class PublicSite:
 
         def failed(f: Any) -> None:
             error = f.value
-            if isinstance(error, NotImplementedError):
-                status, text = 501, str(error)
-            elif isinstance(error, Permanent):
+            if isinstance(error, (NotImplementedError, Permanent)):
                 status, text = 422, str(error)
             elif isinstance(error, Retryable):
                 status, text = 502, f"the PBX did not take it, try again: {error}"
@@ -238,7 +237,8 @@ class PublicSite:
                      error=text)
             _json_answer(request, status, {"error": text})
 
-        self.gateway.command(tenant, command).addCallbacks(done, failed).addErrback(
+        defer.maybeDeferred(self.gateway.command, tenant, command).addCallbacks(
+            done, failed).addErrback(
             lambda f: log.failure("answering failed", f))
         return NOT_DONE_YET
 
