@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.model import POPUP_UPDATE
+from gateway.model import ATTACH, POPUP_UPDATE
 from gateway.calls import IVR, PHONE, QUEUE, Call, Leg, Policy
 from gateway.model import CLOSE_POPUP, POPUP, RECORD, Event
 
@@ -265,3 +265,64 @@ def test_expiry_of_an_answered_call_gives_nothing() -> None:
                   ev("hangup", "101", 5, outcome="answered", duration=4 * S)]:
         call.event(event, POLICY)
     assert call.expire(POLICY) == []
+
+
+# Click-to-call: the PBX rings the employee first (an incoming leg showing the number it then
+# dials), and the call is the employee's outgoing call to that number.
+
+
+def test_a_click_to_call_is_an_outgoing_call_to_the_dialled_number() -> None:
+    _, effects = feed([ev("ring", "101", 0, callback="cb1"),
+                       ev("answer", "101", 4, callback="cb1"),
+                       ev("hangup", "101", 64, callback="cb1", outcome="answered",
+                          duration=60 * S)])
+    assert [(e.kind, e.payload["direction"]) for e in effects] == [
+        (POPUP, "outgoing"), (POPUP_UPDATE, "outgoing"), (RECORD, "outgoing")]
+    assert effects[-1].payload["client"] == CLIENT and effects[-1].payload["duration"] == 60
+
+
+def test_an_unanswered_click_to_call_is_a_missed_outgoing_record_not_a_missed_call() -> None:
+    _, effects = feed([ev("ring", "101", 0, callback="cb1"),
+                       ev("hangup", "101", 20, callback="cb1", outcome="no-answer")])
+    assert [(e.kind, e.payload["direction"], e.payload.get("status")) for e in effects] == [
+        (POPUP, "outgoing", None), (RECORD, "outgoing", "missed")]
+
+
+# Call-level facts
+
+
+def test_a_recording_ready_after_the_record_is_attached_to_it() -> None:
+    call = Call(7, "C")
+    for e in (ev("ring", "101", 0), ev("answer", "101", 5),
+              ev("hangup", "101", 65, outcome="answered", duration=60 * S)):
+        call.event(e, POLICY)
+    [attach] = call.event(ev("recording", "101", 70, recording="R9"), POLICY)
+    assert (attach.kind, attach.key, attach.leg) == (ATTACH, "attach:101:R9", "101")
+    assert attach.payload["recording"] == "R9" and attach.payload["record_id"] == "7-C-101"
+    assert call.event(ev("recording", "101", 71, recording="R9"), POLICY) == []  # once
+
+
+def test_a_recording_before_the_hangup_goes_with_the_record() -> None:
+    _, effects = feed([ev("ring", "101", 0), ev("answer", "101", 5),
+                       ev("recording", "101", 6, recording="R9"),
+                       ev("hangup", "101", 65, outcome="answered", duration=60 * S)])
+    assert [e.kind for e in effects] == [POPUP, POPUP_UPDATE, RECORD]
+    assert effects[-1].payload["recording"] == "R9"
+
+
+def test_a_recording_of_an_unanswered_or_unknown_leg_gives_nothing() -> None:
+    call = Call(7, "C")
+    call.event(ev("ring", "101", 0), POLICY)
+    call.event(ev("hangup", "101", 20, outcome="no-answer"), POLICY)
+    assert call.event(ev("recording", "101", 30, recording="R9"), POLICY) == []
+    assert call.event(ev("recording", "102", 30, recording="R8"), POLICY) == []
+    assert "102" not in call.legs
+
+
+def test_the_pbx_saying_the_call_finished_decides_it_without_the_grace() -> None:
+    call = Call(7, "C")
+    call.event(ev("ring", "101", 0), POLICY)
+    call.event(ev("hangup", "101", 20, outcome="no-answer"), POLICY)
+    assert call.due == 1_800_000_000 + 20 + POLICY.grace
+    call.event(ev("finished", "", 21), POLICY)
+    assert call.due == 1_800_000_000 + 21
