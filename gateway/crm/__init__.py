@@ -84,6 +84,7 @@ class ICrm(Interface):
 
 KINDS = {
     "altegio": "gateway.crm.altegio:Altegio",
+    "megaplan": "gateway.crm.megaplan:Megaplan",
 }
 
 
