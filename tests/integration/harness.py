@@ -96,7 +96,8 @@ def json_request(port: int, method: str, path: str, body: Any = None,
 class Process:
     """A child process whose output goes to files in the test's directory."""
 
-    def __init__(self, name: str, argv: list[str], cwd: Path, logdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], cwd: Path, logdir: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.out_path = logdir / f"{name}.out"
@@ -104,7 +105,7 @@ class Process:
         # Append: a restarted gateway keeps one log across its lives.
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.popen = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=err,
-                                          stdin=subprocess.DEVNULL, env=_env())
+                                          stdin=subprocess.DEVNULL, env=_env(env))
 
     @property
     def pid(self) -> int:
@@ -151,9 +152,10 @@ class Process:
         return text
 
 
-def _env() -> dict[str, str]:
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
 
 
@@ -164,8 +166,10 @@ class Processes:
         self.tmp = tmp
         self.all: list[Process] = []
 
-    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> Process:
-        proc = Process(name, argv, cwd or self.tmp, self.tmp)
+    def start(self, name: str, argv: list[str], cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> Process:
+        """Start a process; ``env`` is added to this process's environment."""
+        proc = Process(name, argv, cwd or self.tmp, self.tmp, env)
         self.all.append(proc)
         return proc
 
@@ -214,6 +218,19 @@ class Fake:
         return self._control("GET", "state")
 
 
+class FakeMegaplan(Fake):
+    """``python -m tests.fakes.megaplan``: ``domain`` is what a tenant's ``crm.domain`` is
+    set to (the gateway needs GATEWAY_ALLOW_LOOPBACK_CRM=1 to accept it)."""
+
+    @property
+    def domain(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def calls(self) -> list[dict]:
+        """Snapshots of every CallInfo (providerId, entity, states, writes, via_history)."""
+        return self.state()["calls"]
+
+
 class FakeAltegio(Fake):
     def received(self, command: str | None = None, include_ignored: bool = False) -> list[dict]:
         """Accepted bodies (with their arrival time under ``_at``), oldest first."""
@@ -248,7 +265,7 @@ def start_fake(procs: Processes, kind: str, *args: str, timeout: float = 15.0,
         port, control = wait_for(ready, timeout, f"fake {kind} READY")
     except Timeout:
         raise Timeout(f"fake {kind} not ready:\n{proc.tail()}") from None
-    cls = FakeAltegio if kind == "altegio" else Fake
+    cls = {"altegio": FakeAltegio, "megaplan": FakeMegaplan}.get(kind, Fake)
     return cls(proc, port, control)
 
 
@@ -258,7 +275,8 @@ def start_fake(procs: Processes, kind: str, *args: str, timeout: float = 15.0,
 class Gateway:
     """``twistd -n gateway`` in a subprocess, with its own directory, ports and database."""
 
-    def __init__(self, procs: Processes, directory: Path, extra: Iterable[str] = ()) -> None:
+    def __init__(self, procs: Processes, directory: Path, extra: Iterable[str] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.procs = procs
         self.dir = directory
         self.port = free_port()
@@ -268,6 +286,7 @@ class Gateway:
         self.db = directory / "g.sqlite"
         self.token_file = directory / "token"
         self.extra = list(extra)
+        self.env = dict(env or {})  # added to the gateway process's environment
         self.proc: Process | None = None
         self.lives = 0
 
@@ -281,7 +300,7 @@ class Gateway:
     def start(self, timeout: float = 20.0) -> "Gateway":
         self.lives += 1
         self.proc = self.procs.start(f"gateway-{self.dir.name}-{self.lives}", self.argv(),
-                                     cwd=self.dir)
+                                     cwd=self.dir, env=self.env)
         self.wait_ready(timeout)
         return self
 
