@@ -777,13 +777,12 @@ class Megaplan:
         if employee is None:
             raise Permanent("no employee to show the pop-up to")
         body = _built(popup_body, tenant, payload, employee)
-        data = None
-        if action.attempts:
-            # An earlier try may have created it and lost the answer: one CallInfo per leg.
-            data, resp, summary = await self._api(
+        # An earlier try may have created it and lost the answer (or the process was killed
+        # before the try was recorded, so ``attempts`` cannot tell): one CallInfo per leg.
+        data, resp, summary = await self._api(
                 config, "GET", "/callInfo/provider", params={"providerId": body["providerId"]},
                 what="(created by an earlier try?)", missing_ok=True)
-        if data is None:
+        if resp.status == 404:
             data, resp, summary = await self._api(
                 config, "POST", "/callInfo", body=body,
                 what=f"{body['type']}/calling {body['providerId']}")
@@ -823,12 +822,24 @@ class Megaplan:
         steps = []
         if not is_missed_record(payload):
             body = _built(finish_body, tenant, payload, links)
-            _, resp, summary = await self._api(
+            data, resp, summary = await self._api(
                 config, "POST", "/callInfo/provider", body=body,
                 what=f"finished/{body['type']} {body['providerId']}", missing_ok=True)
             if resp.status != 404:
-                return summary + ("" if wanted else f" ({kind} is not in crm.communications:"
-                                  " the pop-up closed, no recording)"), resp
+                if not wanted:
+                    return summary + (f" ({kind} is not in crm.communications: the pop-up "
+                                      "closed, no recording)"), resp
+                # The pop-up's try may have created the CallInfo but not attached its client
+                # (killed, or a retryable error, then dropped as stale): attach it now;
+                # finding the client first makes a second attach harmless.
+                steps = [summary]
+                if isinstance(data, dict) and data.get("id"):
+                    employee = await self._employee(tenant, payload)
+                    attached = await self._contractor(tenant, payload,
+                                                      _call_id(data, summary), employee)
+                    if attached:
+                        steps.append(attached)
+                return "; ".join(steps), resp
             if not wanted:
                 return (f"{summary}: no CallInfo; not sent: {kind} is not in "
                         "crm.communications", resp)

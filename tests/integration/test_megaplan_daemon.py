@@ -301,8 +301,7 @@ def test_kill_during_a_burst_each_call_once_each_client_once(procs: Processes) -
     assert not more, f"numbers with more than one contractor: {more}"
     assert set(created) <= {digits(c.caller) for c in every}, created
     # The two calls at once from one new number share the one client wherever both have
-    # one.  (Not every acknowledged call has its client: the pop-ups cut by the kill are
-    # dropped and their calls finished without one; see the xfail below.)
+    # one.
     for a, b in pairs:
         clients = {json.dumps(calls[c.record_id][0]["entity"]["fromUser"]) for c in (a, b)
                    if c.call_id in done}
@@ -311,7 +310,7 @@ def test_kill_during_a_burst_each_call_once_each_client_once(procs: Processes) -
 
 
 
-# 3. A pop-up cut in half by the kill (bugs in gateway/crm/megaplan.py, see the reasons)
+# 3. A pop-up cut in half by the kill (each was a bug of the Megaplan module)
 
 
 def cut_pop_up(d: Deployment, call: TelphinCall) -> None:
@@ -324,12 +323,6 @@ def cut_pop_up(d: Deployment, call: TelphinCall) -> None:
     d.megaplan.setup(delays={"/api/v3/contractor": 0})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/crm/megaplan.py Megaplan._popup (line ~781): the look-up of a CallInfo left "
-    "by an earlier try (GET /callInfo/provider) runs only when action.attempts > 0, but a "
-    "try cut by SIGKILL is never recorded (attempts stays 0), so the re-sent pop-up POSTs "
-    "a second CallInfo for the leg; the first one stays 'calling' for ever in the "
-    "employee's widget"))
 def test_a_pop_up_cut_by_the_kill_and_sent_again_makes_one_call_info(
         procs: Processes) -> None:
     d = Deployment(procs)
@@ -345,14 +338,6 @@ def test_a_pop_up_cut_by_the_kill_and_sent_again_makes_one_call_info(
     assert d.state()["contractors_created_by_phone"] == {digits(call.caller): 1}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/crm/megaplan.py: the client is found or created and set on the CallInfo only "
-    "in the same try that creates the CallInfo (_popup line ~792, _record line ~847). A "
-    "pop-up whose CallInfo was created but whose contractor step did not finish (SIGKILL, "
-    "or a retryable answer to /contractor) and which is then dropped because the leg "
-    "ended, leaves the CallInfo without a client: _record's POST /callInfo/provider finds "
-    "it (line ~829) and returns without the contractor step, so a call from a new number "
-    "ends in Megaplan with no client though crm.create_client is on"))
 def test_a_pop_up_cut_by_the_kill_and_dropped_still_gets_its_client(
         procs: Processes) -> None:
     d = Deployment(procs)
