@@ -79,4 +79,26 @@ MIGRATIONS: list[str] = [
         until REAL NOT NULL
     );
     """,
+    # 4: named credentials an operator creates once and several tenants pick by id (one CRM
+    # login for several tenants), data being the JSON object of their fields, secrets
+    # included; AUTOINCREMENT so that the id of a deleted credential is never given to a new
+    # one (a tenant still naming it must not get another login).  And the tokens the gateway
+    # obtains from PBX and CRM APIs (OAuth access and refresh), so a restart does not log in
+    # again.
+    """
+    CREATE TABLE credentials (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        UNIQUE (kind, name)
+    );
+    CREATE TABLE tokens (
+        key TEXT PRIMARY KEY,
+        data TEXT NOT NULL,
+        updated REAL NOT NULL
+    );
+    """,
 ]

@@ -15,7 +15,7 @@ from zope.interface import implementer
 
 from gateway.model import (DEAD, DROPPED, FAILED, PENDING, POPUP, Action, Attempt, Event, Tenant,
                            legacy_outcome)
-from gateway.store import IStore
+from gateway.store import Conflict, IStore
 from gateway.store.schema import MIGRATIONS
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -121,7 +121,10 @@ class SQLiteStore:
             db.execute("COMMIT")
         self._db = db
 
-    async def stop(self) -> None:
+    def stop(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         # Let queued group commits finish before the thread goes away.
         while not (self._appends.idle and self._attempts.idle):
             d: Deferred = Deferred()
@@ -498,6 +501,104 @@ class SQLiteStore:
             db.execute("DELETE FROM pauses WHERE until <= ?", (now,))
             return dict(db.execute("SELECT bucket, until FROM pauses").fetchall())
         return self._run(self._tx, write, False)
+
+    # Credentials
+
+    def put_credential(self, credential: dict, now: float | None = None) -> Deferred:
+        """Insert a credential, or replace the one with its ``"id"``; fires with the id.
+        Another with the same (kind, name) fails it with ``Conflict``, an unknown id with
+        KeyError."""
+        at = self.reactor.seconds() if now is None else now
+
+        def write(db: sqlite3.Connection) -> int:
+            # .get: a missing key is a bad credential, not KeyError (an unknown id).
+            kind, name = credential.get("kind"), credential.get("name")
+            fields = credential.get("fields")
+            if not (isinstance(kind, str) and kind and isinstance(name, str) and name):
+                raise ValueError("a credential needs a kind and a name")
+            if not isinstance(fields, dict):
+                raise ValueError("a credential's fields must be an object")
+            id_ = credential.get("id")
+            # Checked first, inside the write transaction (one writer): a failed INSERT
+            # would count as a failed commit for /healthz.
+            other = db.execute("SELECT id FROM credentials WHERE kind = ? AND name = ? "
+                               "AND id IS NOT ?", (kind, name, id_)).fetchone()
+            if other:
+                raise Conflict(f"credential {other[0]} is already named {name!r} for "
+                               f"{kind!r}")
+            data = _dumps(fields)
+            if id_ is None:
+                return db.execute("INSERT INTO credentials (kind, name, data, created, "
+                                  "updated) VALUES (?, ?, ?, ?, ?)",
+                                  (kind, name, data, at, at)).lastrowid
+            if not db.execute("UPDATE credentials SET kind = ?, name = ?, data = ?, "
+                              "updated = ? WHERE id = ?",
+                              (kind, name, data, at, id_)).rowcount:
+                raise KeyError(f"no credential {id_}")
+            return id_
+        return self._run(self._tx, write)
+
+    def credentials(self, kind: str | None = None) -> Deferred:
+        def read() -> list[dict]:
+            assert self._db is not None
+            query = f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials"
+            if kind is None:
+                rows = self._db.execute(f"{query} ORDER BY id")
+            else:
+                rows = self._db.execute(f"{query} WHERE kind = ? ORDER BY id", (kind,))
+            return [_credential(r) for r in rows]
+        return self._run(read)
+
+    def credential(self, credential_id: int) -> Deferred:
+        def read() -> dict | None:
+            assert self._db is not None
+            row = self._db.execute(f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials "
+                                   "WHERE id = ?", (credential_id,)).fetchone()
+            return _credential(row) if row else None
+        return self._run(read)
+
+    def delete_credential(self, credential_id: int) -> Deferred:
+        def write(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM credentials WHERE id = ?",
+                              (credential_id,)).rowcount > 0
+        return self._run(self._tx, write)
+
+    # Tokens
+
+    def token(self, key: str) -> Deferred:
+        def read() -> dict | None:
+            assert self._db is not None
+            row = self._db.execute("SELECT data FROM tokens WHERE key = ?", (key,)).fetchone()
+            return json.loads(row[0]) if row else None
+        return self._run(read)
+
+    def put_token(self, key: str, data: dict) -> Deferred:
+        """Store a token, as small writes are (like a pause): its own short transaction on
+        the store's thread, between group commits, and not durable (a commit survives the
+        process, not a power cut): a lost token costs one more login.  ``updated`` is for
+        an operator reading the file."""
+        at = self.reactor.seconds()
+
+        def write(db: sqlite3.Connection) -> None:
+            if not isinstance(data, dict):
+                raise ValueError("a token's data must be an object")
+            db.execute("INSERT OR REPLACE INTO tokens (key, data, updated) VALUES (?, ?, ?)",
+                       (key, _dumps(data), at))
+        return self._run(self._tx, write, False)
+
+    def delete_token(self, key: str) -> Deferred:
+        def write(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM tokens WHERE key = ?", (key,)).rowcount > 0
+        return self._run(self._tx, write, False)
+
+
+_CREDENTIAL_COLUMNS = "id, kind, name, data, created, updated"
+
+
+def _credential(row: tuple) -> dict:
+    id_, kind, name, data, created, updated = row
+    return {"id": id_, "kind": kind, "name": name, "fields": json.loads(data),
+            "created": created, "updated": updated}
 
 
 _ACTION_COLUMNS = ("id, tenant, call, leg, kind, key, payload, created, state, attempts, "
