@@ -105,8 +105,12 @@ def _dig(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
-def parse_tenant(body: Any, current: Tenant | None = None) -> Tenant:
-    """Validate an admin API body (a whole tenant, or a patch of ``current``)."""
+def parse_tenant(body: Any, current: Tenant | None = None,
+                 credentials: dict[int, dict[str, Any]] | None = None) -> Tenant:
+    """Validate an admin API body (a whole tenant, or a patch of ``current``).
+
+    A ``pbx`` or ``crm`` section may name stored credentials (``"credential": id``, see
+    ``credentials``: id → {"kind", "name", "fields"}): their fields are the section's."""
     if not isinstance(body, dict):
         raise BadRequest("body", "must be a JSON object")
     # The current tenant as a body would spell it (lists, not tuples), so a patch is checked
@@ -114,6 +118,10 @@ def parse_tenant(body: Any, current: Tenant | None = None) -> Tenant:
     base = json.loads(json.dumps(current.to_json(secrets=True))) if current else {}
     base.pop("deleted", None)
     merged = _merge(base, body)
+    for side in ("pbx", "crm"):
+        section = merged.get(side)
+        if isinstance(section, dict) and section.get("credential") is not None:
+            merged[side] = with_credential(section, side, credentials or {})
     known = {"id", "name", "enabled", "key", "pbx", "crm", "numbers", "routing", "employees",
              "options"}
     for name in merged:
@@ -179,6 +187,20 @@ def field_login(data: dict[str, Any], dotted: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", value):
         raise BadRequest(dotted, "1-64 letters, digits, '.', '_' and '-' only")
     return value
+
+
+def with_credential(section: dict[str, Any], side: str,
+                    credentials: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A config section with the fields of the named credentials it refers to."""
+    cid = section["credential"]
+    found = credentials.get(cid) if isinstance(cid, int) and not isinstance(cid, bool) else None
+    if found is None:
+        raise BadRequest(f"{side}.credential", f"no credentials {str(cid)[:20]}")
+    kind = section.get("kind", found["kind"])
+    if kind != found["kind"]:
+        raise BadRequest(f"{side}.credential", f"credentials {cid} are for {found['kind']}, "
+                         f"not {str(kind)[:40]}")
+    return {**section, "kind": kind, **found["fields"]}
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

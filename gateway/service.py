@@ -61,6 +61,7 @@ class Gateway(MultiService):
         self.dispatcher = outbox.Dispatcher(store, reactor, self._perform, self._limits,
                                             dispatch, rng)
         self.lookups: dict[int, tuple[float, Lookup]] = {}  # tenant → (fresh, its cache)
+        self.credentials: dict[int, dict[str, Any]] = {}  # id → {"kind", "name", "fields"}
         self.ready = False
         self.sites: list[Any] = []
         self._pruning = LoopingCall(self._prune)
@@ -83,6 +84,8 @@ class Gateway(MultiService):
         await self.store.start()
         for tenant in await self.store.tenants():
             self.tenants[tenant.id] = tenant
+        for credential in await self.store.credentials(None):
+            self.credentials[credential["id"]] = credential
         await self.engine.start()
         await self.dispatcher.start()
         from gateway.web import admin, public

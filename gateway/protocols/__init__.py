@@ -46,6 +46,8 @@ class IPbx(Interface):
                        "``/{prefix}/{tenant}/{name}/{login}``.")
     secrets = Attribute("Config fields that are write-only: never returned, never logged.")
     config_type = Attribute("The attrs class of its config (a PbxConfig subclass).")
+    credential_fields = Attribute("Config fields a named credential may hold (the REST "
+                                  "application): one account, several tenants.")
 
     def parse_config(section: dict) -> PbxConfig:
         """A tenant's ``pbx`` section (an admin API body) validated into a config value;

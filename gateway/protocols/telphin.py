@@ -299,6 +299,7 @@ class Telphin:
     prefix = "events"
     secrets = ("client_secret",)
     config_type = TelphinConfig
+    credential_fields = ("api_url", "client_id", "client_secret")
 
     def __init__(self, http: HttpClient, clock: Any) -> None:
         self.client = TelphinClient(http, clock)

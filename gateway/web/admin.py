@@ -14,8 +14,10 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
+from gateway import crm, protocols
 from gateway.errors import BadRequest
-from gateway.model import ACTION_STATES, MAX_ID, Tenant, parse_tenant
+from gateway.model import ACTION_STATES, MAX_ID, Tenant, field_text, parse_tenant
+from gateway.store import Conflict
 from gateway.web import json_response
 
 log = Logger()
@@ -143,7 +145,7 @@ class AdminSite:
     @_authorised
     async def create(self, request: IRequest) -> bytes:
         body = _body(request)
-        tenant = parse_tenant(body)
+        tenant = parse_tenant(body, credentials=self.gateway.credentials)
         async with self._writes:
             existing = self.gateway.tenants.get(tenant.id)
             if existing is not None and not existing.deleted:
@@ -175,7 +177,7 @@ class AdminSite:
         body = _body(request)
         async with self._writes:
             current = self._tenant(tenant_id)
-            tenant = parse_tenant(body, current)
+            tenant = parse_tenant(body, current, self.gateway.credentials)
             await self.gateway.save_tenant(tenant, current)
         out = self._shown(tenant)
         if tenant.key != current.key and not body.get("key"):
@@ -270,3 +272,130 @@ class AdminSite:
         action = await self.gateway.store.retry(before["id"], self.gateway.reactor.seconds())
         self.gateway.dispatcher.add([action])
         return json_response(request, action.summary())
+
+    # Named credentials: one PBX application or CRM login, several tenants
+
+    def _module(self, kind: Any) -> Any:
+        if isinstance(kind, str) and kind in protocols.KINDS:
+            return protocols.pbx_type(kind)
+        if isinstance(kind, str) and kind in crm.KINDS:
+            return crm.crm_type(kind)
+        raise BadRequest("kind", "must be one of " + ", ".join(
+            sorted(protocols.KINDS) + sorted(crm.KINDS)))
+
+    def _credential_shown(self, credential: dict[str, Any]) -> dict[str, Any]:
+        secrets = self._module(credential["kind"]).secrets
+        fields = credential["fields"]
+        return {"id": credential["id"], "kind": credential["kind"], "name": credential["name"],
+                "fields": {k: v for k, v in fields.items() if k not in secrets},
+                "secrets_set": {k: bool(fields.get(k)) for k in secrets
+                                if k in self._module(credential["kind"]).credential_fields},
+                "used_by": self._users(credential["id"])}
+
+    def _users(self, cid: int) -> list[int]:
+        return sorted(t.id for t in self.gateway.tenants.values() if not t.deleted
+                      and cid in (t.pbx.credential, t.crm.credential))
+
+    def _credential_body(self, body: Any, current: dict[str, Any] | None) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise BadRequest("body", "must be a JSON object")
+        for name in body:
+            if name not in ("kind", "name", "fields"):
+                raise BadRequest(name, "unknown field")
+        kind = body.get("kind", current["kind"] if current else None)
+        if current is not None and kind != current["kind"]:
+            raise BadRequest("kind", "cannot be changed")
+        module = self._module(kind)
+        name = field_text({**(current or {}), **body}, "name", required=True)
+        if len(name) > 200:
+            raise BadRequest("name", "longer than 200 characters")
+        fields = body.get("fields", {})
+        if not isinstance(fields, dict):
+            raise BadRequest("fields", "must be an object")
+        merged = {**(current["fields"] if current else {}), **fields}
+        for field, value in merged.items():
+            if field not in module.credential_fields:
+                raise BadRequest(f"fields.{field}", f"not a {kind} credential field; "
+                                 f"expected {', '.join(module.credential_fields)}")
+            if not isinstance(value, str) or len(value) > 1000:
+                raise BadRequest(f"fields.{field}", "must be a string of at most 1000 "
+                                 "characters")
+        out = {"kind": kind, "name": name, "fields": merged}
+        if current is not None:
+            out["id"] = current["id"]
+        return out
+
+    async def _put_credential(self, credential: dict[str, Any]) -> dict[str, Any]:
+        try:
+            cid = await self.gateway.store.put_credential(credential,
+                                                          self.gateway.reactor.seconds())
+        except Conflict:
+            raise BadRequest("name", f"{credential['kind']} credentials named "
+                             f"{credential['name'][:80]!r} exist", status=409) from None
+        stored = await self.gateway.store.credential(cid)
+        self.gateway.credentials[cid] = stored
+        return stored
+
+    @app.route("/api/v1/credentials", methods=["POST"])
+    @_authorised
+    async def create_credential(self, request: IRequest) -> bytes:
+        credential = self._credential_body(_body(request), None)
+        async with self._writes:
+            stored = await self._put_credential(credential)
+        request.setHeader(b"Location", f"/api/v1/credentials/{stored['id']}".encode())
+        return json_response(request, self._credential_shown(stored), 201)
+
+    @app.route("/api/v1/credentials", methods=["GET"])
+    @_authorised
+    def list_credentials(self, request: IRequest) -> bytes:
+        kind = (request.args.get(b"kind") or [b""])[0].decode("utf-8", "replace")
+        return json_response(request, [self._credential_shown(c) for c in sorted(
+            self.gateway.credentials.values(), key=lambda c: c["id"])
+            if not kind or c["kind"] == kind])
+
+    def _credential(self, credential_id: str) -> dict[str, Any]:
+        found = self.gateway.credentials.get(_id(credential_id))
+        if found is None:
+            raise BadRequest("id", f"no credentials {credential_id[:20]}", status=404)
+        return found
+
+    @app.route("/api/v1/credentials/<credential_id>", methods=["GET"])
+    @_authorised
+    def show_credential(self, request: IRequest, credential_id: str) -> bytes:
+        return json_response(request, self._credential_shown(self._credential(credential_id)))
+
+    @app.route("/api/v1/credentials/<credential_id>", methods=["PATCH"])
+    @_authorised
+    async def patch_credential(self, request: IRequest, credential_id: str) -> bytes:
+        """Change credentials; every tenant using them is checked with the new fields
+        first (400 naming the tenant's field if one would be refused), then saved."""
+        body = _body(request)
+        async with self._writes:
+            current = self._credential(credential_id)
+            credential = self._credential_body(body, current)
+            trial = {**self.gateway.credentials, current["id"]: {**current, **credential}}
+            users = [self.gateway.tenants[i] for i in self._users(current["id"])]
+            updated = []
+            for tenant in users:
+                try:
+                    updated.append((parse_tenant({}, tenant, trial), tenant))
+                except BadRequest as e:
+                    raise BadRequest(e.field, f"tenant {tenant.id}: {e.message}") from None
+            stored = await self._put_credential(credential)
+            for tenant, previous in updated:
+                await self.gateway.save_tenant(tenant, previous)
+        return json_response(request, self._credential_shown(stored))
+
+    @app.route("/api/v1/credentials/<credential_id>", methods=["DELETE"])
+    @_authorised
+    async def delete_credential(self, request: IRequest, credential_id: str) -> bytes:
+        async with self._writes:
+            current = self._credential(credential_id)
+            users = self._users(current["id"])
+            if users:
+                raise BadRequest("id", f"credentials {current['id']} are used by tenants "
+                                 f"{users}", status=409)
+            await self.gateway.store.delete_credential(current["id"])
+            del self.gateway.credentials[current["id"]]
+        request.setResponseCode(204)
+        return b""
