@@ -27,6 +27,8 @@ import pytest
 PROCESS_SKIP = "starts a process: not part of the mutation suite"
 TEST_DEADLINE = int(os.environ.get("MUTATE_TEST_DEADLINE", "10"))
 TIMEOUT_EXIT = 36  # mutmut's exit code for "timeout", which it counts as killed
+# MUTANT_UNDER_TEST values of mutmut's own runs (mutmut.__main__).
+_NOT_A_MUTANT = {"", "stats", "fail", "list_all_tests", "mutant_generation"}
 
 
 def _deadline(signum: int, frame: Any) -> None:
@@ -57,8 +59,12 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     subprocess.Popen.__init__ = _refuse  # type: ignore[method-assign]
     if saved_spawn is not None:
         reactor.spawnProcess = _refuse  # type: ignore[attr-defined]
+    # Only while a mutant is tried: the stats run (every test, traced) and the clean and
+    # forced-fail runs are slower and are not verdicts.
+    timed = os.environ.get("MUTANT_UNDER_TEST", "") not in _NOT_A_MUTANT
     saved_alarm = signal.signal(signal.SIGALRM, _deadline)
-    signal.alarm(TEST_DEADLINE)
+    if timed:
+        signal.alarm(TEST_DEADLINE)
     try:
         yield
     finally:
