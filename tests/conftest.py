@@ -1,7 +1,8 @@
 """The store backends every store test runs against (tests/test_store.py, tests/test_pins_store.py).
 
 A store test takes the ``store`` fixture (a started store, stopped after the test) and, to stop
-and start again on the same database, ``store_backend``.  It runs once per entry of BACKENDS and
+and start again on the same database, ``store_backend`` (every store it opened is stopped after
+the test).  It runs once per entry of BACKENDS and
 sees only IStore, so a second backend runs the suite unchanged: add its name and a context
 manager that makes an empty database for one test and yields its ``--database`` URL (skipping
 when no server is configured), and teach ``open_store`` that URL; e.g. for PostgreSQL, create a
@@ -70,16 +71,24 @@ class Backend:
 
 
 @pytest.fixture(params=list(BACKENDS))
-def store_backend(request: Any, tmp_path: Any) -> Iterator[Backend]:
+def store_database(request: Any, tmp_path: Any) -> Iterator[tuple[str, str]]:
+    """(backend name, URL of an empty database), once per backend."""
     only = request.node.get_closest_marker("backends")
     if only is not None and request.param not in only.args:
         pytest.skip(f"looks at the internals of {', '.join(only.args)}, not {request.param}")
     with BACKENDS[request.param](tmp_path) as url:
-        yield Backend(request.param, url)
+        yield request.param, url
 
 
 @pytest_twisted.async_yield_fixture
-async def store(store_backend: Backend) -> AsyncIterator[Any]:
+async def store_backend(store_database: tuple[str, str]) -> AsyncIterator[Backend]:
+    """The test's database: open (and restart) stores on it; all are stopped afterwards."""
+    backend = Backend(*store_database)
+    yield backend
+    await backend.close_all()
+
+
+@pytest_twisted.async_fixture
+async def store(store_backend: Backend) -> Any:
     """A started store on an empty database of each backend."""
-    yield await store_backend.open()
-    await store_backend.close_all()
+    return await store_backend.open()
