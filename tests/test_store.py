@@ -9,6 +9,7 @@ marked ``backends("sqlite")``.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from typing import Any
 
@@ -285,6 +286,8 @@ async def test_the_sqlite_file_is_migrated_once_and_in_wal_mode(store: Any,
     path = store.path
     await store_backend.reopen(store)
     await store_backend.close_all()
+    assert not os.path.exists(f"{path}-wal"), \
+        "stop closed the file (the last connection checkpoints and removes the WAL)"
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
