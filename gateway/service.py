@@ -7,7 +7,8 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import (Deferred, DeferredLock, ensureDeferred, maybeDeferred,
+                                    succeed)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -17,7 +18,7 @@ from gateway.errors import Permanent, Retryable
 from gateway.httpclient import HttpClient
 from gateway.crm import Command
 from gateway.lookup import Lookup
-from gateway.model import ATTACH, RECORD, SETUP, Action, Tenant, digits
+from gateway.model import ATTACH, RECORD, SETUP, Action, Tenant, digits, parse_tenant
 
 log = Logger()
 
@@ -62,6 +63,10 @@ class Gateway(MultiService):
                                             dispatch, rng)
         self.lookups: dict[int, tuple[float, Lookup]] = {}  # tenant → (fresh, its cache)
         self.credentials: dict[int, dict[str, Any]] = {}  # id → {"kind", "name", "fields"}
+        # Tenant and credential writes one at a time (the admin API, a CRM's setup
+        # callback): each checks the directory, then awaits the store, and two at once would
+        # both pass the check (two 201s for one id, lost patches).
+        self.writes = DeferredLock()
         self.ready = False
         self.sites: list[Any] = []
         self._pruning = LoopingCall(self._prune)
@@ -214,6 +219,8 @@ class Gateway(MultiService):
 
     def command(self, tenant: Tenant, command: Command) -> Deferred:
         """A CRM's click-to-call or hang-up, performed through the tenant's PBX."""
+        if command.action == "setup":
+            return ensureDeferred(self._crm_setup(tenant, command.settings))
         pbx = self.pbxs[tenant.pbx.kind]
         if command.action == "hangup":
             return maybeDeferred(pbx.hangup, tenant, command.call)
@@ -221,6 +228,19 @@ class Gateway(MultiService):
         number = command.number.strip()
         number = ("+" if number.startswith("+") else "") + digits(number)
         return maybeDeferred(pbx.call, tenant, extension, number)
+
+    async def _crm_setup(self, tenant: Tenant, settings: dict[str, Any]) -> str:
+        """A CRM switched the integration on from its side (Planfix's ``setup``): its
+        settings are merged into the tenant's ``crm`` section, checked by the module's
+        schema like an admin patch, and the tenant is enabled."""
+        async with self.writes:
+            current = self.tenants[tenant.id]
+            updated = parse_tenant({"crm": settings, "enabled": True}, current,
+                                   self.credentials)
+            await self.save_tenant(updated, current)
+        log.info("tenant {tenant} ({login}): switched on by its CRM", tenant=tenant.id,
+                 login=tenant.pbx.login)
+        return "setup"
 
     @staticmethod
     def extension_of(tenant: Tenant, employee: str) -> str:
@@ -283,5 +303,9 @@ class Gateway(MultiService):
                             created=now)
         await self.store.put_tenant_with_action(tenant, action, now)
         self.tenants[tenant.id] = tenant
+        if tenant != previous:
+            # Its cached managers may name another account's users or old extensions; a
+            # deleted tenant's cache would otherwise stay for the life of the process.
+            self.lookups.pop(tenant.id, None)
         if action is not None:
             self.dispatcher.add([action])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
+import attrs
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -205,3 +206,23 @@ async def test_the_variable_name_is_the_tenants(world: World) -> None:
     data["pbx"]["variable"] = "manager"
     world.harness.gw.tenants[807] = Tenant.from_json(data)
     assert (await world.ask()).body == set_var("101", "manager")
+
+
+@pytest_twisted.ensureDeferred
+async def test_saving_the_tenant_forgets_its_cached_managers(world: World) -> None:
+    gw = world.harness.gw
+    assert (await world.ask(CALLER)).body == set_var("101")
+    before = gw.tenants[807]
+    # The employee map changed: the cached 101 is no longer the extension to give.
+    await gw.save_tenant(attrs.evolve(before, employees={"201": "1000005"}), before)
+    assert 807 not in gw.lookups
+    assert (await world.ask(CALLER)).body == set_var("201")
+    assert world.routes(CALLER) == 2
+    # Saving it unchanged keeps the cache.
+    await gw.save_tenant(gw.tenants[807], gw.tenants[807])
+    assert (await world.ask(CALLER)).body == set_var("201")
+    assert world.routes(CALLER) == 2
+    # A deleted tenant's cache goes with it.
+    await gw.save_tenant(attrs.evolve(gw.tenants[807], deleted=True, enabled=False),
+                         gw.tenants[807])
+    assert 807 not in gw.lookups

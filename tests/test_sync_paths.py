@@ -20,12 +20,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from gateway import crm
-from gateway.crm import ICrm
+from gateway import crm, protocols
+from gateway.crm import Command, ICrm
 from gateway.crm.altegio import Altegio, AltegioConfig
 from gateway.errors import Retryable
 from gateway.httpclient import HttpClient
 from gateway.model import Tenant
+from gateway.protocols import IPbx
+from gateway.protocols.telphin import Telphin
 from tests.fakes.telphin import FakeTelphin
 from tests.test_public import KEY, LOGIN, Harness, tenant
 
@@ -251,3 +253,124 @@ async def test_makecall_without_a_rest_application_says_which_fields(telphin_gat
 async def test_click_to_call_takes_post_only(telphin_gateway: Any) -> None:
     reply = await telphin_gateway.request("GET", f"/crm/807/makecall/{LOGIN}?key={KEY}")
     assert reply.status == 405 and reply.header("Allow") == "POST"
+
+
+# A PBX that posts every command to one URL (as MegaFon does): its lookups arrive as
+# webhooks, and it wants its refusals in its own form.
+
+
+@implementer(IPbx)
+class OneUrlPbx(Telphin):
+    """Telphin's parsing, under its own prefix: ``cmd=contact`` is a lookup, refusals JSON."""
+
+    kind = "oneurl"
+    prefix = "oneurl"
+
+    @staticmethod
+    def parse_config(section: dict[str, Any]) -> Any:
+        return attrs.evolve(Telphin.parse_config({**section, "kind": "telphin"}),
+                            kind="oneurl")
+
+    @staticmethod
+    def is_lookup(request: Any) -> bool:
+        return request.form().get("cmd") == "contact"
+
+    @staticmethod
+    def refusal(error: Any) -> tuple[bytes, bytes]:
+        return b"application/json", json.dumps({"error": str(error)}).encode()
+
+
+@pytest_twisted.async_yield_fixture
+async def one_url(tmp_path: Any, lookup_crm: Any, monkeypatch: Any) -> Any:
+    monkeypatch.setitem(protocols.KINDS, "oneurl", f"{__name__}:OneUrlPbx")
+    harness = Harness(tmp_path)
+    await harness.start()
+    data = with_crm("lookupcrm").to_json(secrets=True)
+    data["pbx"]["kind"] = "oneurl"
+    harness.gw.tenants[807] = Tenant.from_json(data)
+    yield harness
+    await harness.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_webhook_the_pbx_calls_a_lookup_is_answered_like_call_interactive(
+        one_url: Harness) -> None:
+    LookupCrm.answer = "101"
+    fields = {"cmd": "contact", "CallerIDNum": CALLER}
+    reply = await one_url.request("POST", f"/oneurl/807/crm/{LOGIN}?key={KEY}",
+                                  urlencode(fields).encode())
+    assert (reply.status, reply.body) == (200, set_var("101"))
+    assert LookupCrm.asked == [CALLER]
+    # Nothing was stored: a lookup is not an event.
+    assert await one_url.store.events_after(0, 10) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pbxs_refusals_are_in_its_own_form(one_url: Harness) -> None:
+    reply = await one_url.request("POST", f"/oneurl/807/crm/{LOGIN}?key=wrong",
+                                  urlencode({"cmd": "contact"}).encode())
+    assert reply.status == 403
+    assert reply.header("Content-Type") == "application/json"
+    assert json.loads(reply.body) == {"error": "key: wrong or missing key"}
+    # Before the tenant (so its PBX) is known: plain text.
+    reply = await one_url.request("POST", f"/oneurl/999/crm/{LOGIN}?key={KEY}", b"")
+    assert reply.status == 404 and reply.header("Content-Type").startswith("text/plain")
+    # The lookup's own errors too.
+    reply = await one_url.request("POST", f"/oneurl/807/crm/{LOGIN}?key={KEY}",
+                                  urlencode({"cmd": "contact"}).encode())
+    assert (reply.status, json.loads(reply.body)) == (400, {"error": "CallerIDNum: required"})
+
+
+# A CRM that switches the integration on from its side (as Planfix's ``setup`` does).
+
+
+@implementer(ICrm)
+class SetupCrm(Altegio):
+    kind = "setupcrm"
+
+    @staticmethod
+    def parse_config(section: dict[str, Any]) -> AltegioConfig:
+        return attrs.evolve(Altegio.parse_config({**section, "kind": "altegio"}),
+                            kind="setupcrm")
+
+    @staticmethod
+    def command(request: Any, tenant: Tenant, action: str) -> Command:
+        body = json.loads(request.body)
+        return Command(action="setup", settings=body)
+
+
+@pytest_twisted.async_yield_fixture
+async def setup_crm(tmp_path: Any, monkeypatch: Any) -> Any:
+    monkeypatch.setitem(crm.KINDS, "setupcrm", f"{__name__}:SetupCrm")
+    harness = Harness(tmp_path)
+    await harness.start()
+    # Saved disabled: the CRM's setup is what switches it on.
+    previous = harness.gw.tenants[807]
+    off = attrs.evolve(with_crm("setupcrm"), enabled=False)
+    await harness.gw.save_tenant(off, previous)
+    yield harness
+    await harness.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crms_setup_saves_its_settings_and_enables_the_tenant(
+        setup_crm: Harness) -> None:
+    gw = setup_crm.gw
+    reply = await setup_crm.request("POST", f"/crm/807/setup/{LOGIN}",
+                                    json.dumps({"crm_token": "new-token"}).encode(),
+                                    content_type="application/json")
+    assert reply.status == 200, reply.body
+    assert gw.tenants[807].enabled and gw.tenants[807].crm.crm_token == "new-token"
+    stored = {t.id: t for t in await setup_crm.store.tenants()}[807]
+    assert stored.enabled and stored.crm.crm_token == "new-token"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crms_setup_the_schema_refuses_names_the_field(setup_crm: Harness) -> None:
+    gw = setup_crm.gw
+    reply = await setup_crm.request("POST", f"/crm/807/setup/{LOGIN}",
+                                    json.dumps({"no_such": "x"}).encode(),
+                                    content_type="application/json")
+    assert reply.status == 400
+    assert "crm.no_such" in json.loads(reply.body)["error"]
+    assert not gw.tenants[807].enabled

@@ -9,7 +9,6 @@ maps them to its own API; an action it has no notion of is simply not supported.
 from __future__ import annotations
 
 import hmac
-import importlib
 import json
 import re
 from typing import Any
@@ -18,7 +17,7 @@ import attrs
 from zope.interface import Attribute, Interface
 
 from gateway.errors import BadRequest
-from gateway.protocols import load
+from gateway.kinds import Registry
 
 
 @attrs.frozen
@@ -33,10 +32,13 @@ class CrmConfig:
 class Command:
     """What a CRM asked the gateway to do on its PBX (click-to-call, hang-up)."""
 
-    action: str  # makecall | hangup
+    action: str  # makecall | hangup | setup
     employee: str = ""  # the CRM's user id or the extension, as the CRM sent it
     number: str = ""  # the number to dial (makecall)
     call: str = ""  # the PBX's call id (hangup)
+    # setup: fields of the tenant's ``crm`` section the CRM sent (its own URL and token);
+    # checked by the module's schema, then the tenant is enabled.
+    settings: dict = attrs.field(factory=dict, hash=False)
 
 
 class ICrm(Interface):
@@ -82,28 +84,14 @@ class ICrm(Interface):
         authenticated and parsed; ``BadRequest`` otherwise."""
 
 
-KINDS = {
+REGISTRY = Registry("crm", {
     "altegio": "gateway.crm.altegio:Altegio",
     "megaplan": "gateway.crm.megaplan:Megaplan",
-}
-
-
-def crm_type(kind: str) -> Any:
-    module, name = KINDS[kind].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def parse_config(section: Any) -> CrmConfig:
-    if not isinstance(section, dict):
-        raise BadRequest("crm", "required: an object")
-    kind = section.get("kind")
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise BadRequest("crm.kind", f"must be one of {', '.join(KINDS)}")
-    return crm_type(kind).parse_config(section)
-
-
-def load_config(data: dict[str, Any]) -> CrmConfig:
-    return load(crm_type(data["kind"]).config_type, data)
+})
+KINDS = REGISTRY.kinds
+crm_type = REGISTRY.type
+parse_config = REGISTRY.parse_config
+load_config = REGISTRY.load_config
 
 
 def plain_command(request: Any, tenant: Any, action: str) -> Command:

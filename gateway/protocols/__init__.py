@@ -2,19 +2,17 @@
 
 A PBX module is one file here plus its fake and its tests.  The core (web, engine, calls,
 outbox, store) reaches a PBX only through this interface and the registry, so it never names
-one.  Stored tenants keep each side's config as plain JSON; ``load_config`` turns it back into
-the value the module's schema built.
+one.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import attrs
 from zope.interface import Attribute, Interface
 
-from gateway.errors import BadRequest
+from gateway.kinds import Registry
 
 
 @attrs.frozen
@@ -64,6 +62,16 @@ class IPbx(Interface):
         and differ between two events: a module whose payload has no event time sets
         ``Event.dedup`` from what identifies the notification instead (see Event)."""
 
+    def is_lookup(request: Any) -> bool:
+        """Whether a webhook (after ``authenticate``) is a synchronous lookup, answered like
+        call-interactive (``interactive_number``, then ``interactive_answer``), rather than
+        events to store: for a PBX that posts every command to one URL (MegaFon's
+        ``cmd=contact``)."""
+
+    def refusal(error: Any) -> tuple:
+        """(content type, body) of the answer to a request refused with ``error`` (a
+        ``BadRequest``; the status is its own), in the form the PBX expects."""
+
     def recording_url(tenant: Any, recording: str) -> Any:
         """Deferred: a link to a recording id the PBX's events named; ``Retryable`` or
         ``Permanent`` on failure.  None when the tenant's config cannot look it up."""
@@ -84,43 +92,10 @@ class IPbx(Interface):
         cannot."""
 
 
-# kind → "module:class".  Modules are imported when first asked for, so importing the
-# registry (model.py does) imports no PBX module.
-KINDS = {
+REGISTRY = Registry("pbx", {
     "telphin": "gateway.protocols.telphin:Telphin",
-}
-
-
-def pbx_type(kind: str) -> Any:
-    """The class registered for ``kind`` (KeyError if none)."""
-    module, name = KINDS[kind].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def parse_config(section: Any) -> PbxConfig:
-    """A ``pbx`` section validated by its kind's module."""
-    if not isinstance(section, dict):
-        raise BadRequest("pbx", "required: an object")
-    kind = section.get("kind")
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise BadRequest("pbx.kind", f"must be one of {', '.join(KINDS)}")
-    return pbx_type(kind).parse_config(section)
-
-
-def load_config(data: dict[str, Any]) -> PbxConfig:
-    """A stored ``pbx`` section (trusted: it was validated when written)."""
-    return load(pbx_type(data["kind"]).config_type, data)
-
-
-def load(cls: Any, data: dict[str, Any]) -> Any:
-    """An attrs config value from its JSON form: lists become tuples where the class says
-    tuple, and fields the class no longer has are ignored."""
-    fields = {f.name: f for f in attrs.fields(cls)}
-    values = {}
-    for name, value in data.items():
-        if name in fields:
-            if isinstance(value, list) and fields[name].default is not attrs.NOTHING \
-                    and isinstance(fields[name].default, tuple):
-                value = tuple(value)
-            values[name] = value
-    return cls(**values)
+})
+KINDS = REGISTRY.kinds
+pbx_type = REGISTRY.type
+parse_config = REGISTRY.parse_config
+load_config = REGISTRY.load_config

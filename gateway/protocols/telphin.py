@@ -338,6 +338,14 @@ class Telphin:
     def parse(self, request: Inbound, tenant: Tenant, received: float) -> list[Event]:
         return [parse_event(request.form(), request.name, tenant.id, received)]
 
+    @staticmethod
+    def is_lookup(request: Inbound) -> bool:
+        return False  # call-interactive has its own URL, /cid/…
+
+    @staticmethod
+    def refusal(error: BadRequest) -> tuple[bytes, bytes]:
+        return b"text/plain; charset=utf-8", f"{error}\n".encode()
+
     def recording_url(self, tenant: Tenant, recording: str) -> Deferred | None:
         if not tenant.pbx.api_url or not tenant.pbx.client_id:
             return None

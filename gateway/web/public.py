@@ -111,14 +111,18 @@ class PublicSite:
         if not tenant.enabled:
             raise BadRequest("tenant", f"tenant {tenant.id} is disabled", status=403)
 
-    def reject(self, request: IRequest, error: BadRequest) -> bytes:
+    def reject(self, request: IRequest, error: BadRequest, pbx: Any = None) -> bytes:
+        """The refusal of a request: in the tenant's PBX's format once the PBX is known
+        (some PBXs expect JSON errors), else plain text."""
+        ctype, body = (pbx.refusal(error) if pbx is not None
+                       else (b"text/plain; charset=utf-8", f"{error}\n".encode()))
         request.setResponseCode(error.status)
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Content-Type", ctype)
         # Never the raw URI: its query holds the tenant's key (loggable_uri masks it).
         log.info("rejected {method} {uri}: {status} {error}",
                  method=request.method.decode("ascii", "backslashreplace"),
                  uri=loggable_uri(request), status=error.status, error=str(error))
-        return f"{error}\n".encode()
+        return body
 
     @staticmethod
     def _methods(request: IRequest, allowed: tuple[bytes, ...]) -> bytes | None:
@@ -139,6 +143,7 @@ class PublicSite:
         if refused is not None:
             return refused
         prefix = request.postpath[0].decode()
+        pbx = None
         try:
             tenant, event, login = self._route(request, f"/{prefix}/<tenant>/<event>/<login>")
             pbx = self.gateway.pbxs[tenant.pbx.kind]
@@ -148,9 +153,11 @@ class PublicSite:
             inbound = _inbound(request, event, self.gateway.max_body)
             pbx.authenticate(inbound, tenant)
             self._enabled(tenant)
+            if pbx.is_lookup(inbound):
+                return self._lookup(request, pbx, tenant, login, inbound)
             events = pbx.parse(inbound, tenant, self.gateway.reactor.seconds())
         except BadRequest as error:
-            return self.reject(request, error)
+            return self.reject(request, error, pbx)
         call = events[0].call if events else ""
         self.gateway.store.append(events).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(request, events),
@@ -176,6 +183,7 @@ class PublicSite:
         refused = self._methods(request, (b"GET", b"POST"))
         if refused is not None:
             return refused
+        pbx = None
         try:
             tenant, name, login = self._route(request, "/cid/<tenant>/getmanager/<login>")
             if name != "getmanager":
@@ -185,9 +193,15 @@ class PublicSite:
             inbound = _inbound(request, name, self.gateway.max_body)
             pbx.authenticate(inbound, tenant)
             self._enabled(tenant)
-            number = pbx.interactive_number(inbound)
+            return self._lookup(request, pbx, tenant, login, inbound)
         except BadRequest as error:
-            return self.reject(request, error)
+            return self.reject(request, error, pbx)
+
+    def _lookup(self, request: IRequest, pbx: Any, tenant: Tenant, login: str,
+                inbound: Inbound) -> int:
+        """Answer a synchronous lookup (call-interactive, or a PBX's webhook that asks who
+        the caller's manager is) with the manager's extension, in the PBX's format."""
+        number = pbx.interactive_number(inbound)
 
         def answer(extension: str | None) -> None:
             ctype, body = pbx.interactive_answer(tenant, extension)
@@ -210,7 +224,8 @@ class PublicSite:
             tenant, action, login = self._route(request, "/crm/<tenant>/<action>/<login>")
             inbound = _inbound(request, action, self.gateway.max_body)
             command = self.gateway.crms[tenant.crm.kind].command(inbound, tenant, action)
-            self._enabled(tenant)
+            if command.action != "setup":  # a CRM's setup is what switches a tenant on
+                self._enabled(tenant)
         except BadRequest as error:
             self.reject(request, error)
             return json_response(request, {"error": str(error), "field": error.field},
@@ -224,7 +239,9 @@ class PublicSite:
 
         def failed(f: Any) -> None:
             error = f.value
-            if isinstance(error, (NotImplementedError, Permanent)):
+            if isinstance(error, BadRequest):  # a CRM's setup the tenant's schema refused
+                status, text = error.status, str(error)
+            elif isinstance(error, (NotImplementedError, Permanent)):
                 status, text = 422, str(error)
             elif isinstance(error, Retryable):
                 status, text = 502, f"the PBX did not take it, try again: {error}"
