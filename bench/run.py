@@ -44,6 +44,7 @@ class Plan:
     drain_records: int
     drain_window: float  # seconds of the Altegio drain that are measured
     probes_per_second: float = 4.0
+    interactive_per_second: float = 30.0  # call-interactive requests during the 50 % runs
 
 
 FULL = Plan(15.0, 1000, (10_000, 50_000), 200, 2000, 45.0)
@@ -165,7 +166,9 @@ class Bench:
     def gateway(self, name: str) -> harness.Gateway:
         directory = self.dir / name
         directory.mkdir()
-        gw = harness.Gateway(self.procs, directory).start()
+        # The bench's Megaplan tenants point at a fake on loopback.
+        gw = harness.Gateway(self.procs, directory,
+                             env={"GATEWAY_ALLOW_LOOPBACK_CRM": "1"}).start()
         assert gw.proc is not None
         pin(gw.proc.pid, SERVER_CPU)
         return gw
@@ -224,6 +227,7 @@ class Bench:
         _, tenants = self.tenants(gw, 2, self.plan.tenants,
                                   crm_fake.url.replace("127.0.0.1", "localhost"), "tenants")
         wait_for(lambda: probe_fake.state()["enabled"], 20, "the probe tenant's setup")
+        lookups = self.interactive_tenants(gw, self.plan.tenants + 2)
         monitor = Monitor(gw)
         monitor.start()
         sat = self.saturation(gw.port, tenants, gw.proc.pid)
@@ -238,6 +242,8 @@ class Bench:
             started = self.dir / f"{name}.started"
             probes = (Probes(gw, probe[0], self.plan.probes_per_second, after=started)
                       if name != "gateway_at_80" else None)
+            asks = (Interactive(gw, lookups, self.plan.interactive_per_second, started)
+                    if name != "gateway_at_80" else None)
             cpu0 = cpu_seconds(gw.proc.pid)
             run = load(gw.port, tenants, calls_for(rate, self.plan.seconds), rate=rate,
                        seconds=self.plan.seconds, seed=len(self.results), started=started)
@@ -245,10 +251,35 @@ class Bench:
                 1000 * (cpu_seconds(gw.proc.pid) - cpu0) / max(1, run["answered"]), 4)
             if probes is not None:
                 run["popup"] = probes.finish(probe_fake)
+            if asks is not None:
+                run["interactive"] = asks.finish()
             self.results[name] = run
             self.log(f"{name} ({rate}/s): {run['latency_ms']}")
         self.results["gateway_queues"] = monitor.summary()
         gw.proc.stop()
+
+    def interactive_tenants(self, gw: harness.Gateway, first: int) -> list[sim.Tenant]:
+        """Two Telphin × Megaplan tenants for call-interactive: one whose fake Megaplan
+        answers at once (every number has a route to an employee with an extension), one
+        whose fake answers ``callRoute`` after 3 s, past the 1.5 s deadline."""
+        out = []
+        for number, delay in ((first, 0.0), (first + 1, 3.0)):
+            fake = harness.start_fake(self.procs, "megaplan", "--username", "bench@acme.ru",
+                                      "--password", PARTNER, name=f"megaplan-{number}")
+            pin(fake.proc.pid, CLIENT_CPU)
+            fake.setup(employees=[{"id": "1000005", "name": "Bench", "internalNumber": "101"}],
+                       routes={phone: ["1000005"] for phone in Interactive.numbers(number)},
+                       delays={"/api/v3/callRoute": delay} if delay else {})
+            tenant = sim.Tenant(id=number, login=f"TLP{number:05d}", key=harness.new_key())
+            status, body = gw.admin("POST", "/api/v1/tenants", {
+                "id": tenant.id, "name": f"Interactive {number}", "key": tenant.key,
+                "pbx": {"kind": "telphin", "login": tenant.login},
+                "crm": {"kind": "megaplan", "domain": fake.domain, "login": "bench@acme.ru",
+                        "password": PARTNER}})
+            if status != 201:
+                raise RuntimeError(f"creating tenant {number}: {status} {body}")
+            out.append(tenant)
+        return out
 
     def memory(self) -> None:
         crm_fake = self.fake("memory", "--rate-limit", "0")
@@ -369,6 +400,80 @@ class Probes(threading.Thread):
                 **{k: v for k, v in percentiles(waits).items() if k in ("p50", "p99", "max")}}
 
 
+class Interactive(threading.Thread):
+    """Call-interactive requests, as Telphin's IVR sends them, each on its own connection
+    and thread (a slow answer holds up no other), from ``after`` on, rotating three kinds:
+    *warm* (a number asked before, so the gateway's cache answers), *cold* (a number no run
+    has asked, so the gateway asks the fake Megaplan and waits), *slow* (a new number for
+    the tenant whose Megaplan answers after the deadline).  Each answer's time and whether
+    it named the extension are kept by kind."""
+
+    SIZE = 5000  # routed numbers per tenant, more than all runs ask for
+    used = 1  # numbers taken by earlier runs (the first one is the warm number)
+
+    def __init__(self, gw: harness.Gateway, tenants: list[sim.Tenant], rate: float,
+                 after: Path) -> None:
+        super().__init__(daemon=True)
+        self.gw, self.tenants, self.interval, self.after = gw, tenants, 1 / rate, after
+        self.times: dict[str, list[float]] = {"warm": [], "cold": [], "slow": []}
+        self.named: dict[str, int] = {kind: 0 for kind in self.times}
+        self.failed: list[str] = []
+        self.lock = threading.Lock()
+        self.asks: list[threading.Thread] = []
+        self.halt = threading.Event()
+        self.start()
+
+    @staticmethod
+    def numbers(tenant: int) -> list[str]:
+        return [f"+7916{tenant % 1000:03d}{n:04d}" for n in range(Interactive.SIZE)]
+
+    def ask(self, kind: str, tenant: sim.Tenant, number: str) -> None:
+        path = (f"/cid/{tenant.id}/getmanager/{tenant.login}?key={tenant.key}"
+                f"&CallerIDNum={number.replace('+', '%2B')}")
+        at = time.perf_counter()
+        status, body = harness.request(self.gw.port, "GET", path)
+        took = time.perf_counter() - at
+        with self.lock:
+            if status != 200:
+                self.failed.append(f"{status} {body[:200]!r}")
+            self.times[kind].append(took)
+            self.named[kind] += b"<SetVar" in body
+
+    def run(self) -> None:
+        fast, slow = self.tenants
+        warm = self.numbers(fast.id)[0]
+        harness.request(self.gw.port, "GET", f"/cid/{fast.id}/getmanager/{fast.login}"
+                        f"?key={fast.key}&CallerIDNum={warm.replace('+', '%2B')}")
+        while not self.after.exists():
+            if self.halt.wait(0.05):
+                return
+        turn = 0
+        while not self.halt.is_set() and Interactive.used < self.SIZE:
+            kind = ("warm", "cold", "slow")[turn % 3]
+            if kind == "warm":
+                tenant, number = fast, warm
+            else:
+                tenant = fast if kind == "cold" else slow
+                number = self.numbers(tenant.id)[Interactive.used]
+                Interactive.used += kind == "slow"
+            ask = threading.Thread(target=self.ask, args=(kind, tenant, number), daemon=True)
+            ask.start()
+            self.asks.append(ask)
+            turn += 1
+            self.halt.wait(self.interval)
+
+    def finish(self) -> dict[str, Any]:
+        self.halt.set()
+        self.join()
+        for ask in self.asks:
+            ask.join()
+        from array import array
+        return {kind: {"asked": len(times), "named": self.named[kind],
+                       **{k: v for k, v in percentiles(array("d", times)).items()
+                          if k in ("p50", "p99", "max")}}
+                for kind, times in self.times.items()} | {"failed": self.failed[:5]}
+
+
 # The report
 
 
@@ -397,6 +502,14 @@ def table(r: dict[str, Any], machine: dict[str, Any]) -> str:
         if pop:
             rows.append((f"pop-up end to end at {what}", f"p50 {pop.get('p50', 0):.1f} "
                          f"p99 {pop.get('p99', 0):.1f} ms", f"{pop['shown']}/{pop['sent']} shown"))
+    for key, what in runs:
+        asked = r[key].get("interactive")
+        for kind in ("warm", "cold", "slow") if asked else ():
+            a = asked[kind]
+            rows.append((f"call-interactive, {kind}, at {what}",
+                         f"p50 {a.get('p50', 0):.1f} p99 {a.get('p99', 0):.1f} "
+                         f"max {a.get('max', 0):.1f} ms",
+                         f"{a['named']}/{a['asked']} named the extension"))
     for n, m in r["memory"]["open"].items():
         rows.append((f"RSS per open call, {int(n):,} ringing", f"{m['bytes_per_call']} B",
                      f"RSS {m['rss_kib'] / 1024:.0f} MiB"))
@@ -409,8 +522,10 @@ def table(r: dict[str, Any], machine: dict[str, Any]) -> str:
                       ("drain_accounts", "drain, CRM 5 req/s per account")):
         d = r[key]
         wait = d["popup_wait"]
+        spread = (f", {d['records'] / d['seconds']:.0f} req/s in all"
+                  if key == "drain_accounts" and d.get("seconds") else "")
         rows.append((what, f"{d['rate_fraction']:.1%} of allowed",
-                     f"{d['rejected_429']} answers 429; a new pop-up waits "
+                     f"{d['rejected_429']} answers 429{spread}; a new pop-up waits "
                      + (f"p50 {wait['p50']:.0f} ms, max {wait['max']:.0f} ms" if "p50" in wait
                         else "(none shown)")))
     rows.append(("CPU s per 1,000 events at saturation",
