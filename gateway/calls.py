@@ -14,8 +14,9 @@ from typing import Any, Iterator
 
 import attrs
 
-from gateway.model import (ANSWERED, ATTACH, CLOSE_POPUP, FINISHED, POPUP, POPUP_UPDATE,
-                           RECORD, RECORDING, Event, digits, e164, legacy_outcome)
+from gateway.model import (ANSWERED, ATTACH, CLOSE_POPUP, CLOSING, FINISHED, POPUP,
+                           POPUP_UPDATE, RECORD, RECORDING, Event, digits, e164,
+                           legacy_outcome)
 
 PHONE, QUEUE, IVR = "phone", "queue", "ivr"
 INCOMING, OUTGOING, INTERNAL = "incoming", "outgoing", "internal"
@@ -220,7 +221,7 @@ class Call:
     ``event`` and ``expire`` (the due time passed with no further event).
     """
 
-    __slots__ = ("tenant", "key", "legs", "started", "due", "state")
+    __slots__ = ("tenant", "key", "legs", "started", "due", "state", "closing")
 
     def __init__(self, tenant: int, key: str) -> None:
         self.tenant = tenant
@@ -229,6 +230,9 @@ class Call:
         self.started = 0  # PBX time of the first event seen, microseconds
         self.due = 0.0  # gateway time at which the call is final, if nothing else arrives
         self.state = "open"
+        # The PBX said the call is over (CLOSING): it is decided a grace after that, or after
+        # its last late event, never after the long wait for a leg that never hangs up.
+        self.closing = False
 
     def event(self, ev: Event, policy: Policy) -> list[Effect]:
         """An event of one of this call's legs, or a fact about the whole call."""
@@ -240,10 +244,20 @@ class Call:
                 self.started = min(self.started, ev.at) if self.started else ev.at
                 self.due = ev.received
             return []
+        if ev.kind == CLOSING:
+            # The PBX's record came: the call is over, but the record may have overtaken
+            # the last leg events, so it is decided after the grace (once: a second one
+            # moves nothing).
+            if self.state != "final" and not self.closing:
+                self.closing = True
+                self.started = min(self.started, ev.at) if self.started else ev.at
+                self.due = ev.received + policy.grace
+            return []
         if self.state == "final":
             return list(self._leg_effects(ev, policy, live=False))
         effects = list(self._leg_effects(ev, policy, live=True))
-        self.due = ev.received + (policy.grace if self._all_ended() else policy.max_open)
+        self.due = ev.received + (policy.grace if self._all_ended() or self.closing
+                                  else policy.max_open)
         return effects
 
     def _recording(self, ev: Event, policy: Policy) -> list[Effect]:
@@ -369,8 +383,10 @@ class Call:
             winner = max(queues, key=lambda leg: (leg.end_at, leg.order))
             if winner.bridged:
                 return None
-        elif phones and all(leg.is_ended for leg in phones):
-            winner = phones[0]  # straight to an extension: no queue, no IVR
+        elif phones and (self.closing or all(leg.is_ended for leg in phones)):
+            # Straight to an extension: no queue, no IVR.  Once the PBX said the call is
+            # over, a phone whose end was never reported is over too.
+            winner = phones[0]
         else:
             return None
         if winner.direction(policy) != INCOMING or not winner.peer:
@@ -382,7 +398,7 @@ class Call:
 
     def to_state(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "key": self.key, "started": self.started,
-                "due": self.due, "state": self.state,
+                "due": self.due, "state": self.state, "closing": self.closing,
                 "legs": [leg.to_state() for leg in self.legs.values()]}
 
     @classmethod
@@ -390,6 +406,7 @@ class Call:
         call = cls(data["tenant"], data["key"])
         call.started = data["started"]
         call.due = data["due"]
+        call.closing = bool(data.get("closing", False))  # absent from states stored before it
         call.legs = {leg["key"]: Leg.from_state(leg) for leg in data["legs"]}
         if data["state"] not in ("open", "final"):
             raise ValueError(f"unknown call state {data['state']!r}")

@@ -319,7 +319,10 @@ _LEGACY_STATUS = {"ANSWER": ANSWERED, "NOANSWER": NO_ANSWER, "BUSY": BUSY,
 # Event kinds: the three of a leg, and the call-level facts (leg and fields as known).
 RING, ANSWER, HANGUP = "ring", "answer", "hangup"
 RECORDING, FINISHED = "recording", "finished"  # a recording ready after the call; call over
-EVENT_KINDS = (RING, ANSWER, HANGUP, RECORDING, FINISHED)
+# The PBX's own record says the call is over, but its last leg events may still be on the way
+# (a PBX that sends the record separately, unordered): decided after the tenant's grace.
+CLOSING = "closing"
+EVENT_KINDS = (RING, ANSWER, HANGUP, RECORDING, FINISHED, CLOSING)
 
 
 def legacy_outcome(status: str) -> str:
@@ -333,7 +336,7 @@ class Event:
     tenant: int
     call: str  # the PBX's call key (Telphin CallID)
     leg: str  # the PBX's leg key (Telphin SubCallID)
-    kind: str  # ring | answer | hangup | recording | finished
+    kind: str  # ring | answer | hangup | recording | finished | closing
     flow: str  # in | out
     at: int  # PBX time, microseconds since the epoch
     received: float  # gateway time, seconds since the epoch (drives grace timers)

@@ -172,3 +172,91 @@ async def test_internal_calls_are_recorded_when_the_tenant_asks(tmp_path: Any) -
             for b in bodies] == [
         ("history", "internal", "102", "success", 10, f"807-{CALL}-{leg('102')}"),
         ("history", "internal", "101", "success", 10, f"807-{CALL}-{leg('101')}")]
+
+
+# CLOSING: a PBX's own record of the call (it is over), which may overtake the call's last
+# leg events.  The pure call model on neutral events (Telphin sends no CLOSING: its rows
+# above are what pins its behaviour unchanged).
+def _ev(kind: str, leg_key: str, at: float, **fields: Any) -> Any:
+    from gateway.model import Event
+    return Event(tenant=807, call="C", leg=leg_key, kind=kind, flow="in",
+                 at=int(at * 1_000_000), received=1_800_000_000 + at,
+                 extension=leg_key, peer=CLIENT_NUMBER, did="74951234567", **fields)
+
+
+CLIENT_NUMBER = "+79161234567"
+
+
+def _run(events: list[Any], policy: Any = None) -> tuple[Any, list[tuple[str, str]]]:
+    from gateway.calls import Call, Policy
+    policy = policy or Policy()
+    call, out = Call(807, "C"), []
+    for ev in events:
+        out += [(e.kind, e.key) for e in call.event(ev, policy)]
+    return call, out
+
+
+def test_closing_waits_the_grace_for_a_late_last_event() -> None:
+    """Group call, the record overtakes the last cancel: not decided at the record, but a
+    grace after it; the late cancel lands before that and one missed record follows."""
+    from gateway.model import CLOSING
+    call, out = _run([_ev("ring", "101", 0), _ev("ring", "102", 0),
+                      _ev("hangup", "101", 20, outcome="cancelled"),
+                      _ev(CLOSING, "", 21)])
+    assert call.due == 1_800_000_000 + 21 + 3.0 and not call.is_final
+    call2, more = _run([_ev("ring", "101", 0), _ev("ring", "102", 0),
+                        _ev("hangup", "101", 20, outcome="cancelled"),
+                        _ev(CLOSING, "", 21), _ev("hangup", "102", 22, outcome="cancelled")])
+    assert call2.due == 1_800_000_000 + 22 + 3.0
+    from gateway.calls import Policy
+    assert [e.key for e in call2.expire(Policy())] == ["record:missed"]
+
+
+def test_closing_is_once_a_second_one_moves_nothing() -> None:
+    from gateway.model import CLOSING
+    call, _ = _run([_ev("ring", "101", 0), _ev(CLOSING, "", 10), _ev(CLOSING, "", 500)])
+    assert call.due == 1_800_000_000 + 10 + 3.0
+
+
+def test_after_closing_a_leg_that_never_ends_does_not_hold_the_call_for_hours() -> None:
+    """Without CLOSING a ringing phone holds the call open for max_open and then no missed
+    record is made (not every phone ended); after CLOSING the grace decides it, and the
+    phone whose end was never reported counts as ended."""
+    from gateway.calls import Policy
+    from gateway.model import CLOSING
+    policy = Policy()
+    open_call, _ = _run([_ev("ring", "101", 0), _ev("ring", "102", 0),
+                         _ev("hangup", "101", 20, outcome="cancelled")], policy)
+    assert open_call.due == 1_800_000_000 + 20 + policy.max_open
+    assert open_call.expire(policy) == []
+    closed, _ = _run([_ev("ring", "101", 0), _ev("ring", "102", 0),
+                      _ev("hangup", "101", 20, outcome="cancelled"), _ev(CLOSING, "", 21),
+                      _ev("answer", "999", 22)], policy)
+    assert closed.due == 1_800_000_000 + 22 + policy.grace  # a late event: grace, not hours
+    assert closed.legs["999"].answered  # an answered phone: no missed record
+    closed2, _ = _run([_ev("ring", "101", 0), _ev("ring", "102", 0),
+                       _ev("hangup", "101", 20, outcome="cancelled"), _ev(CLOSING, "", 21)],
+                      policy)
+    [missed] = closed2.expire(policy)
+    assert (missed.key, missed.payload["status"], missed.payload["extension"]) == (
+        "record:missed", "missed", "101")
+
+
+def test_closing_survives_a_stored_state_and_old_states_read_as_not_closing() -> None:
+    from gateway.calls import Call
+    from gateway.model import CLOSING
+    call, _ = _run([_ev("ring", "101", 0), _ev(CLOSING, "", 5)])
+    again = Call.from_state(call.to_state())
+    assert again.closing and again.due == call.due
+    old = call.to_state()
+    del old["closing"]
+    assert Call.from_state(old).closing is False
+
+
+def test_closing_after_the_call_is_final_changes_nothing() -> None:
+    from gateway.calls import Policy
+    from gateway.model import CLOSING
+    call, _ = _run([_ev("ring", "101", 0), _ev("hangup", "101", 20, outcome="no-answer")])
+    call.expire(Policy())
+    assert call.is_final
+    assert call.event(_ev(CLOSING, "", 30), Policy()) == [] and call.due == 0.0
