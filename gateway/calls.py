@@ -65,7 +65,7 @@ class Leg:
 
     __slots__ = ("key", "order", "kind", "flow", "extension", "sip", "peer", "did",
                  "ring_at", "answer_at", "end_at", "outcome", "duration", "recording",
-                 "bridged", "transferred", "answered", "state", "callback")
+                 "bridged", "transferred", "answered", "state", "callback", "rating")
 
     def __init__(self, key: str, order: int) -> None:
         self.key = key
@@ -87,6 +87,7 @@ class Leg:
         self.answered = False
         self.state = "new"  # new | ringing (not answered yet) | talking | ended (final)
         self.callback = ""  # the click-to-call that rang this phone
+        self.rating = 0  # the caller's score of the talk, where the PBX has one
 
     # Inputs: each returns the signals its outputs gave ("rang", "talked", ...).
 
@@ -118,6 +119,7 @@ class Leg:
         self.did = self.did or ev.did
         self.transferred = self.transferred or ev.transferred
         self.callback = self.callback or ev.callback
+        self.rating = ev.rating or self.rating
         if ev.bridged is not None:
             self.bridged = ev.bridged
         if self.extension in policy.ivrs:
@@ -192,7 +194,9 @@ class Leg:
         return INTERNAL if policy.is_extension(self.peer) else INCOMING
 
     def to_state(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        # A rating only where there is one (most PBXs have none): states stay as they were.
+        return {name: getattr(self, name) for name in self.__slots__
+                if name != "rating" or self.rating}
 
     @classmethod
     def from_state(cls, data: dict[str, Any]) -> "Leg":
@@ -210,7 +214,7 @@ class Leg:
 
 _LEG_STATES = {state for state, _ in Leg._MACHINE}
 # Slots added after states were first stored: absent from older rows, left at their default.
-_LATER_SLOTS = {"callback"}
+_LATER_SLOTS = {"callback", "rating"}
 
 
 class Call:
@@ -362,6 +366,8 @@ class Call:
             "recording": leg.recording if status == "success" else "",
             "record_id": f"{self.tenant}-{self.key}-{key or leg.key}",
         }
+        if leg.rating and status == "success":
+            payload["rating"] = leg.rating  # only where there is one: CRMs that take it
         return Effect(RECORD, f"record:{key or leg.key}", leg.key, payload)
 
     def _did(self) -> str:

@@ -350,6 +350,7 @@ class Event:
     bridged: bool | None = None  # set on queue/IVR events: answered after entering it
     transferred: bool = False  # an outgoing leg created by a forward
     callback: str = ""  # click-to-call correlation id
+    rating: int = 0  # a call-quality score the caller gave this leg's talk (0: none)
     # What identifies the PBX's notification when its payload has no event time (set by
     # its module; then ``at`` is the gateway's clock and differs between deliveries).
     dedup: str = ""

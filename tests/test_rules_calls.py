@@ -260,3 +260,25 @@ def test_closing_after_the_call_is_final_changes_nothing() -> None:
     call.expire(Policy())
     assert call.is_final
     assert call.event(_ev(CLOSING, "", 30), Policy()) == [] and call.due == 0.0
+
+
+def test_a_rating_learned_by_a_leg_goes_with_its_record_and_only_then() -> None:
+    """A score given before the leg's record (on any of its events) is in the record's
+    payload; a record without one has no ``rating`` key at all (Telphin's are unchanged)."""
+    _, plain = _run([_ev("ring", "101", 0), _ev("answer", "101", 2)])
+    from gateway.calls import Call, Policy
+    call = Call(807, "C")
+    effects = []
+    for ev in [_ev("ring", "101", 0), _ev("answer", "101", 2), _ev("answer", "101", 30, rating=4),
+               _ev("hangup", "101", 31, outcome="answered", duration=29_000_000)]:
+        effects += call.event(ev, Policy())
+    [record] = [e for e in effects if e.kind == "record"]
+    assert record.payload["rating"] == 4
+    call2 = Call(807, "C")
+    effects2 = []
+    for ev in [_ev("ring", "101", 0), _ev("answer", "101", 2),
+               _ev("hangup", "101", 31, outcome="answered", duration=29_000_000)]:
+        effects2 += call2.event(ev, Policy())
+    [record2] = [e for e in effects2 if e.kind == "record"]
+    assert "rating" not in record2.payload
+    assert Call.from_state(call.to_state()).legs["101"].rating == 4
