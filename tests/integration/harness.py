@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlencode
@@ -422,3 +424,51 @@ class TelphinCall:
         if recorded:
             fields["RecID"] = self.rec_id
         return "hangup", fields
+
+
+def kill_during_burst(send: Callable[[tuple[str, dict[str, str]]], int],
+                      groups: list[tuple["TelphinCall", ...]], kill: Callable[[], None],
+                      workers: int = 20) -> tuple[set[str], float]:
+    """Answered calls sent from a thread pool (dial-in, answer, hangup each; the calls of
+    one group step by step together, as two lines ringing at once), and ``kill`` called
+    once half the webhooks have gone, while the rest are still being sent.  Returns the
+    ids of the calls every webhook of which was answered 200, and when the kill came."""
+    total = 3 * sum(len(group) for group in groups)
+    sent = 0
+    lock = threading.Lock()
+    half = threading.Event()
+    complete: set[str] = set()
+
+    def one(step: tuple[str, dict[str, str]]) -> int:
+        nonlocal sent
+        try:
+            return send(step)
+        except OSError:  # refused, reset or cut short by the kill
+            return 0
+        finally:
+            with lock:
+                sent += 1
+                if sent >= total // 2:
+                    half.set()
+
+    def run(group: tuple[TelphinCall, ...]) -> None:
+        ok = {call.call_id: True for call in group}
+        steps = [(call.dial_in(), call.answer(),
+                  call.hangup("ANSWER", duration_us=12_400_000)) for call in group]
+        for at in range(3):
+            for call, its in zip(group, steps):
+                if ok[call.call_id] and one(its[at]) != 200:
+                    ok[call.call_id] = False
+        with lock:
+            complete.update(cid for cid, good in ok.items() if good)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run, group) for group in groups]
+        assert half.wait(30), "the burst did not get half way"
+        kill()
+        killed_after = time.monotonic() - started
+        for f in futures:
+            f.result(timeout=30)
+    with lock:
+        return set(complete), killed_after

@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import collections
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Iterator
-
-import pytest
+from typing import Any
 
 from tests.integration.harness import (
     CLIENT_ID,
@@ -25,6 +20,7 @@ from tests.integration.harness import (
     Gateway,
     Processes,
     TelphinCall,
+    kill_during_burst,
     new_key,
     start_fake,
     tenant_body,
@@ -33,18 +29,6 @@ from tests.integration.harness import (
 
 CLIENT = "+79161234567"
 DIVERSION = "+74951234567"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """The processes of one test; all killed at teardown (their logs printed, so that a
-    failing test shows them under "Captured stdout teardown")."""
-    group = Processes(tmp_path)
-    try:
-        yield group
-    finally:
-        group.close()
-        print(group.tails())
 
 
 class Deployment:
@@ -162,42 +146,8 @@ def test_kill_during_burst_loses_nothing_and_sends_nothing_twice(procs: Processe
     d.altegio.refuse()
     calls = [TelphinCall(ext=str(101 + i % 20), ext_id=str(200501 + i % 20))
              for i in range(200)]
-    total = 3 * len(calls)
-    sent = 0
-    lock = threading.Lock()
-    half = threading.Event()
-    complete: set[str] = set()
-
-    def send(step: tuple[str, dict[str, str]]) -> int:
-        nonlocal sent
-        try:
-            return d.send(step)
-        except OSError:  # refused, reset or cut short by the kill
-            return 0
-        finally:
-            with lock:
-                sent += 1
-                if sent >= total // 2:
-                    half.set()
-
-    def one_call(call: TelphinCall) -> None:
-        for step in (call.dial_in(), call.answer(),
-                     call.hangup("ANSWER", duration_us=12_400_000)):
-            if send(step) != 200:
-                return
-        with lock:
-            complete.add(call.call_id)
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        futures = [pool.submit(one_call, call) for call in calls]
-        assert half.wait(30), "the burst did not get half way"
-        d.gateway.proc.kill()  # SIGKILL, while the other half is still being sent
-        killed_after = time.monotonic() - started
-        for f in futures:
-            f.result(timeout=30)
-    with lock:
-        done = set(complete)
+    done, killed_after = kill_during_burst(d.send, [(call,) for call in calls],
+                                           d.gateway.proc.kill)
     assert 10 <= len(done) < len(calls), (len(done), killed_after)
 
     restarting = time.monotonic()

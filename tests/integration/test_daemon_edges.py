@@ -23,7 +23,6 @@ from tests.integration.harness import (
     start_fake,
     wait_for,
 )
-from tests.integration.test_daemon import procs  # noqa: F401 (the fixture)
 
 
 def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:

@@ -12,13 +12,8 @@ from __future__ import annotations
 import collections
 import json
 import secrets
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Iterator
-
-import pytest
+from typing import Any
 
 from tests.integration.harness import (
     CLIENT_ID,
@@ -30,6 +25,7 @@ from tests.integration.harness import (
     Gateway,
     Processes,
     TelphinCall,
+    kill_during_burst,
     new_key,
     start_fake,
     wait_for,
@@ -45,18 +41,6 @@ EMPLOYEES = [
     {"id": BOSS, "name": "Старший менеджер"},
 ]
 EXTENSIONS = {"101": "1000005", "102": "1000006", "103": "1000007", "104": "1000008"}
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """The processes of one test; all killed at teardown (their logs printed, so that a
-    failing test shows them under "Captured stdout teardown")."""
-    group = Processes(tmp_path)
-    try:
-        yield group
-    finally:
-        group.close()
-        print(group.tails())
 
 
 def digits(number: str) -> str:
@@ -222,54 +206,9 @@ def test_kill_during_a_burst_each_call_once_each_client_once(procs: Processes) -
               TelphinCall(ext="102", ext_id="200502", caller=f"+{base + 100 + i}"))
              for i in range(3)]
     every = singles + [c for pair in pairs for c in pair]
-    total = 3 * len(every)
-    sent = 0
-    lock = threading.Lock()
-    half = threading.Event()
-    complete: set[str] = set()
-
-    def send(step: tuple[str, dict[str, str]]) -> int:
-        nonlocal sent
-        try:
-            return d.send(step)
-        except OSError:  # refused, reset or cut short by the kill
-            return 0
-        finally:
-            with lock:
-                sent += 1
-                if sent >= total // 2:
-                    half.set()
-
-    def one_call(call: TelphinCall) -> None:
-        for step in (call.dial_in(), call.answer(),
-                     call.hangup("ANSWER", duration_us=12_400_000)):
-            if send(step) != 200:
-                return
-        with lock:
-            complete.add(call.call_id)
-
-    def two_calls(a: TelphinCall, b: TelphinCall) -> None:
-        ok = {a.call_id: True, b.call_id: True}
-        for step_a, step_b in ((a.dial_in(), b.dial_in()), (a.answer(), b.answer()),
-                               (a.hangup("ANSWER", duration_us=12_400_000),
-                                b.hangup("ANSWER", duration_us=12_400_000))):
-            for call, step in ((a, step_a), (b, step_b)):
-                if ok[call.call_id] and send(step) != 200:
-                    ok[call.call_id] = False
-        with lock:
-            complete.update(cid for cid, good in ok.items() if good)
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(two_calls, *pair) for pair in pairs]
-        futures += [pool.submit(one_call, call) for call in singles]
-        assert half.wait(30), "the burst did not get half way"
-        d.gateway.proc.kill()  # SIGKILL, while the other half is still being sent
-        killed_after = time.monotonic() - started
-        for f in futures:
-            f.result(timeout=30)
-    with lock:
-        done = set(complete)
+    # The pairs first: they are the ones that race to create a client.
+    done, killed_after = kill_during_burst(
+        d.send, list(pairs) + [(call,) for call in singles], d.gateway.proc.kill, workers=8)
     assert 3 <= len(done) < len(every), (len(done), killed_after)
 
     restarting = time.monotonic()
