@@ -87,6 +87,7 @@ class ICrm(Interface):
 REGISTRY = Registry("crm", {
     "altegio": "gateway.crm.altegio:Altegio",
     "megaplan": "gateway.crm.megaplan:Megaplan",
+    "planfix": "gateway.crm.planfix:Planfix",
 })
 KINDS = REGISTRY.kinds
 crm_type = REGISTRY.type
