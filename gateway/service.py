@@ -41,13 +41,16 @@ class Gateway(MultiService):
                  dispatch: outbox.Policy = outbox.Policy(), max_body: int = 64 * 1024,
                  request_deadline: float = web.REQUEST_DEADLINE,
                  max_connections_per_ip: int = web.MAX_PER_SOURCE,
-                 http: HttpClient | None = None, rng: random.Random | None = None) -> None:
+                 http: HttpClient | None = None, rng: random.Random | None = None,
+                 public_url: str = "") -> None:
         super().__init__()
         self.store = store
         self.reactor = reactor
         self.listen = listen
         self.admin_listen = admin_listen
         self.admin_token = admin_token
+        # Where PBXs and CRMs reach the public site (the URLs of a tenant's setup guide).
+        self.public_url = (public_url or _local_url(listen)).rstrip("/")
         self.max_body = max_body
         self.request_deadline = request_deadline
         self.max_connections_per_ip = max_connections_per_ip
@@ -309,3 +312,10 @@ class Gateway(MultiService):
             self.lookups.pop(tenant.id, None)
         if action is not None:
             self.dispatcher.add([action])
+
+
+def _local_url(listen: str | None) -> str:
+    """http://localhost:PORT for a ``tcp:PORT…`` endpoint (the default ``--public-url``)."""
+    parts = (listen or "").split(":")
+    port = parts[1] if len(parts) > 1 and parts[0] == "tcp" and parts[1].isdigit() else "8080"
+    return f"http://localhost:{port}"

@@ -26,6 +26,9 @@ class Options(usage.Options):
     optParameters = [
         ["listen", None, "tcp:8080",
          "Twisted endpoint for the public site (PBX webhooks, /healthz)."],
+        ["public-url", None, "",
+         "The public site's URL as PBXs and CRMs reach it (https://gw.example.net), for "
+         "the URLs of a tenant's setup guide; default http://localhost:<--listen port>."],
         ["admin-listen", None, "tcp:8081:interface=127.0.0.1",
          "Twisted endpoint for the admin API (keep it on localhost or a private network)."],
         ["database", None, "sqlite:var/gateway.sqlite",
@@ -52,6 +55,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        url = self["public-url"]
+        if url and not (url.startswith(("http://", "https://")) and " " not in url):
+            raise usage.UsageError(f"--public-url: not an http(s) URL: {url[:80]!r}")
         if not self["database"].startswith("sqlite:"):
             raise usage.UsageError(f"--database: unsupported URL {self['database']!r} "
                                    "(use sqlite:PATH)")
@@ -117,4 +123,5 @@ def makeService(options: Options) -> Gateway:
         max_body=options["max-body"],
         request_deadline=options["request-deadline"],
         max_connections_per_ip=options["max-connections-per-ip"],
+        public_url=options["public-url"],
     )

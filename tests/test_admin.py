@@ -225,6 +225,7 @@ ROUTES = [
     ("PATCH", "/api/v1/tenants/807"),
     ("DELETE", "/api/v1/tenants/807"),
     ("GET", "/api/v1/tenants/807/calls"),
+    ("GET", "/api/v1/tenants/807/setup"),
     ("GET", "/api/v1/actions"),
     ("GET", "/api/v1/actions/1"),
     ("POST", "/api/v1/actions/1/retry"),
@@ -414,6 +415,48 @@ async def test_a_body_that_is_not_a_json_object_is_400_naming_body(gateway: Harn
 
 
 # Reading, updating and deleting tenants
+
+@pytest_twisted.ensureDeferred
+async def test_the_setup_guide_lists_what_to_paste_with_the_tenants_key(
+        gateway: Harness) -> None:
+    await gateway.create()
+    guide = (await gateway.admin("GET", "/api/v1/tenants/807/setup")).json()
+    base = "http://localhost:8080"  # --public-url's default (no --listen here)
+    assert [(g["what"], g["url"]) for g in guide["pbx"]] == [
+        (f"event {event}", f"{base}/events/807/{event}/TLP55522?key={KEY}")
+        for event in ("dial-in", "dial-out", "answer", "hangup")] + [
+        ("IVR rule Call interactive (then: transfer to the number in variable number)",
+         f"{base}/cid/807/getmanager/TLP55522?key={KEY}")]
+    assert [g["url"] for g in guide["crm"]] == [
+        f"{base}/crm/807/makecall/TLP55522?key={KEY}",
+        f"{base}/crm/807/hangup/TLP55522?key={KEY}"]
+    # Every URL it gives is one the public site takes (a dial-in, here).
+    reply = await gateway._request("POST", gateway._url(0, guide["pbx"][0]["url"].replace(
+        base, "")), urlencode(DIAL_IN).encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert reply.status == 200, reply.body
+    assert (await gateway.admin("GET", "/api/v1/tenants/999/setup")).status == 404
+
+
+@pytest.mark.parametrize(("public_url", "listen", "base"), [
+    ("", "tcp:9090:interface=127.0.0.1", "http://localhost:9090"),
+    ("https://gw.example.net/", "tcp:9090", "https://gw.example.net"),
+    ("", "unix:/run/gw.sock", "http://localhost:8080"),
+])
+def test_the_public_url_defaults_to_the_listening_port(public_url: str, listen: str,
+                                                       base: str) -> None:
+    gw = Gateway(None, reactor, listen=listen, public_url=public_url)
+    assert gw.public_url == base
+
+
+@pytest.mark.parametrize("url", ["gw.example.net", "ftp://gw", "https://gw example"])
+def test_a_public_url_that_is_not_http_is_refused(url: str) -> None:
+    from twisted.python import usage
+
+    from gateway.tap import Options
+    with pytest.raises(usage.UsageError, match="--public-url"):
+        Options().parseOptions(["--public-url", url])
+
 
 @pytest_twisted.ensureDeferred
 async def test_get_list_and_one(gateway: Harness) -> None:

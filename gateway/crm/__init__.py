@@ -79,6 +79,10 @@ class ICrm(Interface):
         """Deferred: the extension of the employee responsible for ``number``, or None;
         ``NotImplementedError`` when the CRM has no such lookup."""
 
+    def setup_guide(tenant: Any, base: str) -> list:
+        """What the customer enters in the CRM for this tenant (its inbound URLs), like
+        ``IPbx.setup_guide``; empty when the CRM needs nothing from the gateway."""
+
     def command(request: Any, tenant: Any, action: str) -> Command:
         """A CRM's request to its inbound route ``/crm/{tenant}/{action}/{login}``,
         authenticated and parsed; ``BadRequest`` otherwise."""
@@ -93,6 +97,15 @@ KINDS = REGISTRY.kinds
 crm_type = REGISTRY.type
 parse_config = REGISTRY.parse_config
 load_config = REGISTRY.load_config
+
+
+def plain_guide(tenant: Any, base: str) -> list:
+    """The URLs of ``plain_command``, for a CRM button or robot."""
+    return [{"what": f"{action} ({fields})", "method": "POST",
+             "url": f"{base}/crm/{tenant.id}/{action}/{tenant.pbx.login}?key={tenant.key}",
+             "content_type": "application/json"}
+            for action, fields in (("makecall", '{"employee", "number"}'),
+                                   ("hangup", '{"call"}'))]
 
 
 def plain_command(request: Any, tenant: Any, action: str) -> Command:

@@ -11,7 +11,7 @@ import hyperlink
 from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
-from gateway.crm import Command, CrmConfig, ICrm, plain_command
+from gateway.crm import Command, CrmConfig, ICrm, plain_command, plain_guide
 from gateway.errors import BadRequest, Permanent
 from gateway.httpclient import HttpClient, Response, raise_for
 from gateway.model import (POPUP, RECORD, SETUP, Action, Inbound, Tenant, digits, e164,
@@ -185,6 +185,10 @@ class Altegio:
 
     def responsible(self, tenant: Tenant, number: str) -> Deferred:
         raise NotImplementedError("Altegio has no responsible-manager lookup")
+
+    @staticmethod
+    def setup_guide(tenant: Tenant, base: str) -> list[dict[str, str]]:
+        return plain_guide(tenant, base)
 
     @staticmethod
     def command(request: Inbound, tenant: Tenant, action: str) -> Command:

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.crm import Command, CrmConfig, ICrm, plain_command
+from gateway.crm import Command, CrmConfig, ICrm, plain_command, plain_guide
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import HttpClient, Response, raise_for
 from gateway.model import (ATTACH, CLOSE_POPUP, POPUP, POPUP_UPDATE, RECORD, SETUP, Action,
@@ -452,6 +452,10 @@ class Megaplan:
     def limits(tenant: Tenant) -> list[tuple[str, float, int]]:
         """One bucket per Megaplan account host, shared by its tenants [I]."""
         return [(f"megaplan:{tenant.crm.domain}", RATE, BURST)]
+
+    @staticmethod
+    def setup_guide(tenant: Tenant, base: str) -> list[dict[str, str]]:
+        return plain_guide(tenant, base)
 
     @staticmethod
     def command(request: Inbound, tenant: Tenant, action: str) -> Command:

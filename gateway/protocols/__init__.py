@@ -62,6 +62,11 @@ class IPbx(Interface):
         and differ between two events: a module whose payload has no event time sets
         ``Event.dedup`` from what identifies the notification instead (see Event)."""
 
+    def setup_guide(tenant: Any, base: str) -> list:
+        """What the customer pastes into the PBX's cabinet for this tenant: a list of
+        ``{"what", "url"}`` (plus ``"method"``, ``"body"`` where the PBX asks for them),
+        the URLs under ``base`` (the gateway's public URL) with the tenant's key."""
+
     def is_lookup(request: Any) -> bool:
         """Whether a webhook (after ``authenticate``) is a synchronous lookup, answered like
         call-interactive (``interactive_number``, then ``interactive_answer``), rather than

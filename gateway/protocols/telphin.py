@@ -339,6 +339,19 @@ class Telphin:
         return [parse_event(request.form(), request.name, tenant.id, received)]
 
     @staticmethod
+    def setup_guide(tenant: Tenant, base: str) -> list[dict[str, str]]:
+        """The event URLs for the account's extensions (telphin.md §3.1: one per event,
+        the same for dial-in and dial-out), and the IVR's call-interactive URL (§5)."""
+        login, key = tenant.pbx.login, tenant.key
+        out = [{"what": f"event {event}", "method": "POST",
+                "url": f"{base}/events/{tenant.id}/{event}/{login}?key={key}"}
+               for event in EVENT_KINDS]
+        out.append({"what": "IVR rule Call interactive (then: transfer to the number in "
+                            f"variable {tenant.pbx.variable})", "method": "POST",
+                    "url": f"{base}/cid/{tenant.id}/getmanager/{login}?key={key}"})
+        return out
+
+    @staticmethod
     def is_lookup(request: Inbound) -> bool:
         return False  # call-interactive has its own URL, /cid/…
 

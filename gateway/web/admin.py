@@ -167,6 +167,18 @@ class AdminSite:
     def show(self, request: IRequest, tenant_id: str) -> bytes:
         return json_response(request, self._shown(self._tenant(tenant_id)))
 
+    @app.route("/api/v1/tenants/<tenant_id>/setup", methods=["GET"])
+    @_authorised
+    def setup(self, request: IRequest, tenant_id: str) -> bytes:
+        """What to paste into the PBX's cabinet and the CRM for this tenant: its URLs under
+        the gateway's ``--public-url``, with the tenant's key (the one answer besides the
+        tenant's creation that shows it: these URLs are what the PBX is given)."""
+        tenant = self._tenant(tenant_id)
+        base = self.gateway.public_url
+        return json_response(request, {
+            "pbx": self.gateway.pbxs[tenant.pbx.kind].setup_guide(tenant, base),
+            "crm": self.gateway.crms[tenant.crm.kind].setup_guide(tenant, base)})
+
     @app.route("/api/v1/tenants/<tenant_id>", methods=["PATCH"])
     @_authorised
     async def patch(self, request: IRequest, tenant_id: str) -> bytes:
