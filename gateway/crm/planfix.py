@@ -315,6 +315,17 @@ class Planfix:
         return [(f"planfix:{account(tenant)}", RATE, BURST)]
 
     @staticmethod
+    def setup_guide(tenant: Tenant, base: str) -> list[dict[str, str]]:
+        """What the customer enters in Planfix's "Planfix API for telephony" dialog: the PBX
+        URL and the PBX token (``crm.token``, shown here as the tenant's key is in the PBX
+        URLs: the guide is for pasting)."""
+        return [{"what": "Planfix → Integrations → Virtual PBX → Planfix API for telephony: "
+                         "PBX URL", "method": "POST",
+                 "url": f"{base}/crm/{tenant.id}/pbx/{tenant.pbx.login}",
+                 "content_type": "application/x-www-form-urlencoded"},
+                {"what": "the same dialog: PBX token", "value": tenant.crm.token}]
+
+    @staticmethod
     def command(request: Inbound, tenant: Tenant, action: str) -> Command:
         """Planfix's ``makeCall`` and ``setup`` [C §2], its ``token`` compared in constant
         time with the tenant's PBX token; refusals in Planfix's words."""
