@@ -99,6 +99,7 @@ class IPbx(Interface):
 
 REGISTRY = Registry("pbx", {
     "telphin": "gateway.protocols.telphin:Telphin",
+    "megafon": "gateway.protocols.megafon:MegaFon",
 })
 KINDS = REGISTRY.kinds
 pbx_type = REGISTRY.type
