@@ -7,7 +7,8 @@ Markers as in the protocol notes: [C] confirmed, [I] inferred, [?] unknown. Wher
 behaviour is unknown the fake takes the stricter reading: form bodies only, `planfix_token`
 (not `token`) on every command, unknown fields refused, and the ring-group rules of §4
 checked per (callid, ext). A request that breaks those rules is refused 400 (or, with
-`sequence: "flag"`, accepted and listed) and always named in `violations`.
+`sequence: "flag"`, accepted) and always named in `violations`; a malformed request is
+refused 400 with the reason kept in its `requests` entry (`why`).
 
 Standalone: `python -m tests.fakes.planfix --planfix-token T [--contact PHONE=NAME:EXT]`
 serves /tel/api and the control API (/_control/state, /_control/setup, /_control/faults,
@@ -183,8 +184,7 @@ class FakePlanfix:
         try:
             status, answer = self._answer(request, raw, entry)
         except PlanfixError as e:
-            if e.violation:
-                self.violations.append(e.violation)
+            entry["why"] = e.violation  # what was wrong, for a test's message
             status, answer = e.status, {"error": e.message}
         entry["status"], entry["answer"] = status, answer
         if answer is None:  # 200 with an empty body [C: "200 (empty body)"]
@@ -313,9 +313,9 @@ class FakePlanfix:
                 problem = f"COMPLETED {status} for ext {ext} of {call} after Cancelled"
             new = FINAL
         if problem is not None:
+            self.violations.append(problem)
             if self.sequence == "refuse":
                 raise invalid(problem)
-            self.violations.append(problem)
         self.popups.setdefault(call, {}).setdefault(ext, []).append(new)
         if new == FINAL:
             self.completed.setdefault(call, []).append(
@@ -332,9 +332,9 @@ class FakePlanfix:
         if not any(f.get("is_recorded") == "1" for f in finals):
             problem = (f"record for {form['callid']}, which had no COMPLETED with "
                        "is_recorded=1")
+            self.violations.append(problem)
             if self.sequence == "refuse":
                 raise invalid(problem)
-            self.violations.append(problem)
         self.records.append({k: v for k, v in form.items() if k != "planfix_token"})
         return 200, None
 
