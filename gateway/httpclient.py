@@ -217,7 +217,9 @@ class HttpClient:
 
     async def _exchange(self, method: str, url: str, kwargs: dict[str, Any]) -> Response:
         try:
-            resp = await self._client.request(method, url, **kwargs)
+            # treq follows redirects unless told not to; a 3xx is the CRM's or PBX's
+            # answer (a wrong host name, say), classified like any other.
+            resp = await self._client.request(method, url, allow_redirects=False, **kwargs)
         except (ConnectError, DNSLookupError, ConnectionLost, ResponseFailed,
                 ResponseNeverReceived, TimeoutError) as e:
             raise Retryable(f"{method} {_safe(url)}: {type(e).__name__}") from None

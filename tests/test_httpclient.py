@@ -404,3 +404,17 @@ async def test_retry_after_in_seconds_through_a_real_request(
     with pytest.raises(Retryable) as raised:
         raise_for(await call(client, url=server.url()), "GET /api")
     assert raised.value.status == 429 and raised.value.retry_after == 120.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redirect_is_the_answer_not_followed(server: Server,
+                                                     client: HttpClient) -> None:
+    # A wrong host name (MegaFon's ATS) answers 301: that is what the module must see.
+    def answer(conn: Conn) -> None:
+        conn.write(head("301 Moved Permanently", f"Location: {server.url('/elsewhere')}",
+                        "Content-Length: 0"))
+
+    server.answer = answer
+    resp = await call(client, url=server.url())
+    assert resp.status == 301
+    assert len(server.conns) == 1 and b"/elsewhere" not in server.conns[0].head

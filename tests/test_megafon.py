@@ -424,9 +424,6 @@ async def test_an_extension_not_in_the_directory_is_called_as_it_is() -> None:
     assert fake.calls[0]["user"] == "kuznetsov"
 
 
-@pytest.mark.xfail(strict=True, reason="gateway.httpclient passes treq's default "
-                   "allow_redirects=True: a 301 to a POST becomes ResponseFailed (Retryable) "
-                   "before the module sees the status; needs allow_redirects=False in core")
 @pytest.mark.parametrize("api", ["legacy", "rest"])
 @pytest_twisted.ensureDeferred
 async def test_301_is_reported_as_a_wrong_ats_name(api: str) -> None:
