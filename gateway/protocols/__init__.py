@@ -99,6 +99,7 @@ class IPbx(Interface):
 
 REGISTRY = Registry("pbx", {
     "telphin": "gateway.protocols.telphin:Telphin",
+    "callgear": "gateway.protocols.callgear:CallGear",
     "megafon": "gateway.protocols.megafon:MegaFon",
 })
 KINDS = REGISTRY.kinds
