@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
-from gateway.crm.megaplan import LOOPBACK_ENV
+from gateway.crm import LOOPBACK_ENV
 from gateway.httpclient import HttpClient
 from gateway.model import Tenant, parse_tenant
 from tests.fakes.megaplan import FakeMegaplan

@@ -19,9 +19,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
-from gateway.crm import Command, ICrm, crm_type
-from gateway.crm.megaplan import (COMMUNICATIONS, LOOPBACK_ENV, Megaplan, MegaplanConfig,
-                                  short_extension, token_key)
+from gateway.crm import LOOPBACK_ENV, Command, ICrm, crm_type
+from gateway.crm.megaplan import (COMMUNICATIONS, Megaplan, MegaplanConfig, short_extension,
+                                  token_key)
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import HttpClient
 from gateway.model import (ATTACH, CLOSE_POPUP, POPUP, POPUP_UPDATE, RECORD, SETUP, Action,

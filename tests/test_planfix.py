@@ -9,10 +9,8 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import attrs
 import pytest
 import pytest_twisted
-import treq
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -22,8 +20,7 @@ from twisted.web.vhost import NameVirtualHost
 from zope.interface.verify import verifyObject
 
 from gateway.calls import Call, Policy
-from gateway.crm import Command, ICrm, crm_type
-from gateway.crm.megaplan import LOOPBACK_ENV
+from gateway.crm import LOOPBACK_ENV, Command, ICrm, crm_type
 from gateway.crm.planfix import Planfix, PlanfixConfig
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import HttpClient
@@ -31,7 +28,7 @@ from gateway.model import (ATTACH, CLOSE_POPUP, POPUP, POPUP_UPDATE, RECORD, SET
                            Inbound, Tenant, parse_tenant)
 from tests.fakes.planfix import FakePlanfix
 from tests.fakes.telphin import FakeTelphin
-from tests.test_public import KEY, LOGIN, Harness
+from tests.test_public import LOGIN, Harness
 from tests.test_public import tenant as telphin_tenant
 
 URL = "https://test.planfix.ru/tel/api"

@@ -11,7 +11,6 @@ the reference; [C] confirmed there, [I] inferred (a choice made here, easy to ch
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import datetime
 from typing import Any, Awaitable, Callable
@@ -24,7 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.crm import Command, CrmConfig, ICrm, plain_command, plain_guide
+from gateway.crm import (LOOPBACK_ENV, Command, CrmConfig, ICrm, loopback_allowed,
+                         plain_command, plain_guide)
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import HttpClient, Response, raise_for
 from gateway.model import (ATTACH, CLOSE_POPUP, POPUP, POPUP_UPDATE, RECORD, SETUP, Action,
@@ -33,10 +33,6 @@ from gateway.model import (ATTACH, CLOSE_POPUP, POPUP, POPUP_UPDATE, RECORD, SET
 log = Logger()
 
 API = "/api/v3"
-# The one switch that lets a tenant's domain be a loopback address (a fake Megaplan in the
-# tests); never set it in production.
-LOOPBACK_ENV = "GATEWAY_ALLOW_LOOPBACK_CRM"
-
 # The call types a tenant may want as communications in Megaplan (seed 003, option 5).
 INCOMING_ANSWERED, INCOMING_MISSED = "incoming_answered", "incoming_missed"
 OUTGOING_ANSWERED, OUTGOING_UNANSWERED = "outgoing_answered", "outgoing_unanswered"
@@ -66,10 +62,6 @@ _NAME = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"  # one DNS label
 _DOMAIN = re.compile(rf"{_NAME}\.megaplan\.ru")
 _LOOPBACK = re.compile(r"(?:127\.0\.0\.1|localhost):([0-9]{1,5})")
 _EMPLOYEE_ID = re.compile(r"[0-9]{1,20}")
-
-
-def loopback_allowed() -> bool:
-    return os.environ.get(LOOPBACK_ENV) == "1"
 
 
 def _is_loopback(domain: str) -> bool:

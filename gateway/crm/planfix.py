@@ -25,8 +25,7 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
-from gateway.crm import Command, CrmConfig, ICrm
-from gateway.crm.megaplan import LOOPBACK_ENV, loopback_allowed
+from gateway.crm import LOOPBACK_ENV, Command, CrmConfig, ICrm, loopback_allowed
 from gateway.errors import BadRequest, Permanent
 from gateway.httpclient import HttpClient, Response, raise_for
 from gateway.model import (ATTACH, BUSY, CANCELLED, CLOSE_POPUP, FAILED_CALL, NO_ANSWER, POPUP,
@@ -83,7 +82,7 @@ class PlanfixConfig(CrmConfig):
 
 def field_planfix_url(section: dict[str, Any]) -> str:
     """``https://NAME.planfix.ru/...`` (or ``.com``); ``http://127.0.0.1:PORT/...`` only
-    with the tests' switch (gateway.crm.megaplan.LOOPBACK_ENV); "" until setup."""
+    with the tests' switch (gateway.crm.LOOPBACK_ENV); "" until setup."""
     value = field_text(section, "crm.planfix_url")
     if not value:
         return ""
