@@ -400,6 +400,12 @@ class Call:
         if policy.numbers and e164(winner.did or self._did()) not in policy.numbers:
             return None
         effect = self._record(winner, INCOMING, "missed", key="missed", started=self.started)
+        if not effect.payload["extension"] and phones:
+            # A call-level leg has no extension of its own (CallGear's session): the missed
+            # call is the last rung phone's, for CRMs that file every call under someone.
+            last = phones[-1]
+            effect = attrs.evolve(effect, payload={**effect.payload, "extension": last.extension,
+                                                   "sip": last.sip})
         return attrs.evolve(effect, leg="")
 
     def to_state(self) -> dict[str, Any]:

@@ -266,6 +266,9 @@ def test_a_lost_call_gives_one_missed_record_and_closes_the_pop_ups() -> None:
     assert kinds == ["popup", "popup", "close_popup", "close_popup", "record"]
     assert effects[-1][1]["status"] == "missed"
     assert effects[-1][1]["client"] == "79161112233"
+    # The session leg has no extension: the missed call is the last rung employee's (a
+    # CRM such as Planfix files every call under an extension).
+    assert effects[-1][1]["extension"] == effects[1][1]["extension"] != ""
 
 
 def test_the_gateways_click_to_call_is_one_outgoing_record() -> None:
