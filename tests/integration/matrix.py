@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from typing import Any, Callable
+from urllib.parse import urlencode
 
+from gateway.protocols import callgear
+from tests.fakes import callgear as callgear_fake
 from tests.integration.harness import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -75,6 +79,108 @@ class TelphinSide:
                 for c in self.fake.state()["callbacks"]]
 
 
+class MegaFonSide:
+    """MegaFon's one CRM URL: every command a form with ``cmd`` and ``crm_token``."""
+
+    kind = "megafon"
+    TOKEN, API_KEY, CRM_TOKEN = "legacy-key-0123456789", "rest-key-0123456789", \
+        "crm-token-0123456789abcdef"
+    USERS = {"101": "ivanov", "102": "petrov"}
+
+    def __init__(self, procs: Processes) -> None:
+        self.fake = start_fake(procs, "megafon", "--token", self.TOKEN, "--api-key",
+                               self.API_KEY, "--crm-token", self.CRM_TOKEN)
+
+    def section(self) -> dict[str, Any]:
+        return {"kind": "megafon", "login": LOGIN, "api_url": self.fake.url,
+                "crm_token": self.CRM_TOKEN, "token": self.TOKEN, "api": "legacy"}
+
+    def _steps(self, *commands: dict[str, str]) -> list[Step]:
+        def post(fields: dict[str, str]) -> Step:
+            return lambda gw, key: request(
+                gw.port, "POST", f"/vats/{TENANT_ID}/crm/{LOGIN}",
+                urlencode({**fields, "crm_token": self.CRM_TOKEN}).encode(),
+                {"Content-Type": "application/x-www-form-urlencoded"})[0]
+        return [post(c) for c in commands]
+
+    def _call(self, caller: str, extension: str) -> tuple[str, Callable[..., dict[str, str]]]:
+        callid = secrets.token_hex(8)
+
+        def command(cmd: str, **fields: str) -> dict[str, str]:
+            return {"cmd": cmd, "phone": digits(caller), "diversion": DEFAULT_NUMBER,
+                    "user": self.USERS[extension], "ext": extension, "callid": callid,
+                    **fields}
+        return callid, command
+
+    def answered(self, caller: str, extension: str) -> list[Step]:
+        _, command = self._call(caller, extension)
+        return self._steps(
+            command("event", type="INCOMING"), command("event", type="ACCEPTED"),
+            command("event", type="COMPLETED"),
+            command("history", type="in", status="Success", start=utc_stamp(),
+                    wait="3", duration="15"))
+
+    def missed(self, caller: str, extension: str) -> list[Step]:
+        _, command = self._call(caller, extension)
+        return self._steps(
+            command("event", type="INCOMING"), command("event", type="CANCELLED"),
+            command("history", type="in", status="missed", start=utc_stamp(), wait="20",
+                    duration="20"))
+
+    def placed(self) -> list[tuple[str, str]]:
+        users = {user: ext for ext, user in self.USERS.items()}
+        return [(users.get(c["user"], c["user"]), digits(c["phone"]))
+                for c in self.fake.state()["calls"]]
+
+
+class CallGearSide:
+    """CallGear's eight HTTP notifications (JSON from the customer's templates) and its
+    Call API for click-to-call."""
+
+    kind = "callgear"
+    API_KEY = "cg-api-key-0123456789"
+    EMPLOYEES = {"101": 5001, "102": 5002}
+
+    def __init__(self, procs: Processes) -> None:
+        self.fake = start_fake(procs, "callgear", "--api-key", self.API_KEY,
+                               "--virtual-number", DEFAULT_NUMBER,
+                               *(f"--employee={i}={ext}" for ext, i in self.EMPLOYEES.items()))
+
+    def section(self) -> dict[str, Any]:
+        return {"kind": "callgear", "login": LOGIN, "call_api_url": f"{self.fake.url}/v4.0",
+                "data_api_url": f"{self.fake.url}/v2.0", "access_token": self.API_KEY,
+                "virtual_number": DEFAULT_NUMBER,
+                "extensions": {str(i): ext for ext, i in self.EMPLOYEES.items()}}
+
+    @staticmethod
+    def _steps(script: list[tuple[str, dict[str, Any]]]) -> list[Step]:
+        def post(event: str, values: dict[str, Any]) -> Step:
+            return lambda gw, key: request(
+                gw.port, "POST", f"/notify/{TENANT_ID}/{event}/{LOGIN}?key={key}",
+                callgear_fake.render(callgear.template(event), values),
+                {"Content-Type": "application/json"})[0]
+        return [post(event, values) for event, values in script]
+
+    def answered(self, caller: str, extension: str) -> list[Step]:
+        return self._steps(callgear_fake.answered_call(
+            secrets.randbelow(10**9), digits(caller), DEFAULT_NUMBER,
+            self.EMPLOYEES[extension], 15, day=time.strftime("%Y-%m-%d", time.gmtime())))
+
+    def missed(self, caller: str, extension: str) -> list[Step]:
+        return self._steps(callgear_fake.lost_call(
+            secrets.randbelow(10**9), digits(caller), DEFAULT_NUMBER,
+            [self.EMPLOYEES[extension]], day=time.strftime("%Y-%m-%d", time.gmtime())))
+
+    def placed(self) -> list[tuple[str, str]]:
+        extensions = {i: ext for ext, i in self.EMPLOYEES.items()}
+        return [(extensions.get(c["params"]["employee"]["id"], "?"),
+                 digits(c["params"]["contact"])) for c in self.fake.state()["calls"]]
+
+
+def utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
 # CRMs
 
 
@@ -93,7 +199,7 @@ class AltegioSide:
 
     def records(self) -> list[tuple[str, str, str]]:
         return [("answered" if h["status"] == "success" else "missed", digits(h["phone"]),
-                 h["user"]) for h in self.fake.received("history")]
+                 h.get("user", "")) for h in self.fake.received("history")]
 
     def click(self, gw: Gateway, key: str, extension: str, number: str) -> int:
         return plain_click(gw, key, extension, number)
@@ -136,6 +242,42 @@ class MegaplanSide:
         return plain_click(gw, key, extension, number)
 
 
+class PlanfixSide:
+    """Planfix's telephony API: the gateway is its PBX (form-encoded both ways)."""
+
+    kind = "planfix"
+    PLANFIX_TOKEN, PBX_TOKEN = "pf-token-0123456789", "pbx-token-0123456789abcdef"
+
+    def __init__(self, procs: Processes) -> None:
+        self.fake = start_fake(procs, "planfix", "--planfix-token", self.PLANFIX_TOKEN,
+                               "--pbx-token", self.PBX_TOKEN)
+
+    def section(self) -> dict[str, Any]:
+        return {"kind": "planfix", "planfix_url": f"{self.fake.url}/tel/api",
+                "planfix_token": self.PLANFIX_TOKEN, "token": self.PBX_TOKEN}
+
+    def enabled(self) -> bool:
+        return any("cmd=ping" in r["raw"].split("&") and r["status"] == 200
+                   for r in self.fake.state()["requests"])
+
+    def records(self) -> list[tuple[str, str, str]]:
+        """The final COMPLETED of each extension (Planfix's call history)."""
+        out = []
+        for finals in self.fake.state()["completed"].values():
+            for f in finals:
+                if f.get("status") in ("Success", "Missed"):
+                    out.append(("answered" if f["status"] == "Success" else "missed",
+                                digits(f.get("phone", "")), f.get("ext", "")))
+        return out
+
+    def click(self, gw: Gateway, key: str, extension: str, number: str) -> int:
+        status, _ = request(gw.port, "POST", f"/crm/{TENANT_ID}/pbx/{LOGIN}", urlencode({
+            "cmd": "makeCall", "from": extension, "to": number,
+            "token": self.PBX_TOKEN}).encode(),
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        return status
+
+
 def plain_click(gw: Gateway, key: str, extension: str, number: str) -> int:
     """The gateway's own click-to-call form (a CRM button or robot configured with it)."""
     status, _ = request(gw.port, "POST", f"/crm/{TENANT_ID}/makecall/{LOGIN}?key={key}",
@@ -144,8 +286,10 @@ def plain_click(gw: Gateway, key: str, extension: str, number: str) -> int:
     return status
 
 
-PBXS: dict[str, type] = {"telphin": TelphinSide}
-CRMS: dict[str, type] = {"altegio": AltegioSide, "megaplan": MegaplanSide}
+PBXS: dict[str, type] = {"telphin": TelphinSide, "megafon": MegaFonSide,
+                         "callgear": CallGearSide}
+CRMS: dict[str, type] = {"altegio": AltegioSide, "megaplan": MegaplanSide,
+                         "planfix": PlanfixSide}
 
 
 class Pair:
