@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import attrs
 
-from gateway.model import (ANSWERED, ATTACH, CLOSE_POPUP, CLOSING, FINISHED, POPUP,
+from gateway.model import (ANSWERED, ATTACH, CANCELLED, CLOSE_POPUP, CLOSING, FINISHED, POPUP,
                            POPUP_UPDATE, RECORD, RECORDING, Event, digits, e164,
                            legacy_outcome)
 
@@ -287,8 +287,24 @@ class Call:
             return []
         self.state = "final"
         self.due = 0.0
+        effects = self._close_ringing(policy)
         missed = self._missed(policy)
-        return [missed] if missed else []
+        return effects + [missed] if missed else effects
+
+    def _close_ringing(self, policy: Policy) -> list[Effect]:
+        """Pop-ups of phones still ringing when the call is decided: closed, as cancelled.
+        A PBX that reports only the phone that answered (CallGear) never ends the others;
+        nor does any PBX whose hangup was lost."""
+        out = []
+        for leg in sorted(self.legs.values(), key=lambda leg: leg.order):
+            if leg.kind != PHONE or leg.is_ended or leg.answered or not leg.ring_at:
+                continue
+            direction = leg.direction(policy)
+            if direction == INCOMING and leg.flow == "in" and self._passes_filter(
+                    leg, direction, policy):
+                out.append(Effect(CLOSE_POPUP, f"close:{leg.key}", leg.key,
+                                  {**self._popup(leg, direction), "outcome": CANCELLED}))
+        return out
 
     @property
     def is_final(self) -> bool:

@@ -260,6 +260,19 @@ def test_an_answered_call_gives_one_pop_up_and_one_record_of_the_employee() -> N
         "incoming", "success", 83, "101", "79161234567", "74951234567")
 
 
+def test_a_colleagues_pop_up_is_closed_when_the_call_is_over() -> None:
+    # 8842 rang too, but CallGear reports nothing for a phone that stopped ringing because
+    # 8841 answered: its pop-up is closed when the call is decided, not left open.
+    script = answered_call(3190224311, "79161234567", "74951234567", 8841, talk=83)
+    colleague = ("waiting", {**script[1][1], "employee_id": 8842, "leg_id": 31902243119})
+    effects = fold([script[0], colleague, *script[1:]])
+    assert [kind for kind, _ in effects] == ["popup", "popup", "popup_update", "record",
+                                             "close_popup"]
+    assert effects[0][1]["call_id"] == effects[-1][1]["call_id"] \
+        == "807-3190224311-e8842"
+    assert effects[-1][1]["outcome"] == "cancelled"
+
+
 def test_a_lost_call_gives_one_missed_record_and_closes_the_pop_ups() -> None:
     effects = fold(lost_call(3190225000, "79161112233", "74951234567", [8841, 8842]))
     kinds = [kind for kind, _ in effects]

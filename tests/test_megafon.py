@@ -247,10 +247,11 @@ SCENARIOS = {
     "a rating before the history goes with the record": (
         [*script("group")[:5], *script("rating"), script("group")[5]],
         [*GROUP[:4], (CALL, "record", "101", "success", 83, LINK, 5)]),
-    "a history whose last CANCELLED never comes: decided a grace later, missed": (
+    "a history whose last CANCELLED never comes: decided a grace later, missed, and the "
+    "pop-up still ringing closed": (
         [*script("missed")[:3], script("missed")[4]],
         [(CALL, "popup", "101"), (CALL, "popup", "102"), (CALL, "close_popup", "101"),
-         (CALL, "record", "101", "missed", 0, "", None)]),
+         (CALL, "close_popup", "102"), (CALL, "record", "101", "missed", 0, "", None)]),
 }
 
 
