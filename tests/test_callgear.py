@@ -58,7 +58,7 @@ def ev(kind: str, leg: str = "e8841", at: str = "12:01:07.532", name: str = "", 
                  + round(float(s) * 1_000_000))
     fields = dict(tenant=807, call="3190224311", leg=leg, kind=kind, flow="in", at=micros,
                   received=T0, peer="79161234567", did="74951234567",
-                  dedup=f"{name}@{micros}")
+                  dedup=f"{kw.get('call', '3190224311')}:{name}@{micros}")
     if leg.startswith("e"):
         fields.update(extension="101" if leg == "e8841" else leg[1:], sip=leg[1:])
     fields.update(kw)
@@ -232,6 +232,17 @@ def test_talk_finished_and_call_finished_in_one_second_are_two_events() -> None:
     [talk] = parse("talk_finished", {**BASE, "talk_time_duration": 5, "notification_time": at})
     first = parse("call_finished", {**BASE, "talk_time_duration": 5, "notification_time": at})
     assert talk.leg == first[0].leg and talk.natural_key != first[0].natural_key
+
+
+def test_two_calls_reaching_one_employee_in_one_second_are_two_events() -> None:
+    # Stored keys are unique per tenant: a leg named by its employee must not make two
+    # sessions' notifications one.
+    at = "2024-05-14 12:02:30"
+    [one] = parse("waiting", {**BASE, "leg_id": 5560023, "notification_time": at})
+    [two] = parse("waiting", {**BASE, "leg_id": 5560025, "notification_time": at,
+                              "call_session_id": BASE["call_session_id"] + 1})
+    assert one.leg == two.leg and one.at == two.at
+    assert one.natural_key != two.natural_key
 
 
 # --- the events fold into the calls the customer expects --------------------------------

@@ -310,8 +310,10 @@ def parse_notification(data: dict[str, Any], event: str, tenant: Tenant, receive
         at = int(received * 1_000_000)
     else:
         # The event's name too: "Talk finished" and "Call finished" may end the same leg in
-        # the same second, and are two notifications.
-        dedup = f"{event}@{at}"
+        # the same second, and are two notifications.  The session too: a leg is named by
+        # its employee ("e8841"), and stored keys are unique per tenant, not per call, so
+        # two calls reaching one employee in one second would be one.
+        dedup = f"{call}:{event}@{at}"
     flow = _direction(data, "out" if event == "outbound" else "in")
     contact = _number(data, "contact_phone_number")
     did = _number(data, "virtual_phone_number")
