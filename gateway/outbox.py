@@ -437,3 +437,7 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return len(self._flying)
+
+    def flying(self) -> frozenset[int]:
+        """The ids of the actions whose request is out now."""
+        return frozenset(self._flying)
