@@ -429,20 +429,34 @@ class TelphinCall:
 def kill_during_burst(send: Callable[[tuple[str, dict[str, str]]], int],
                       groups: list[tuple["TelphinCall", ...]], kill: Callable[[], None],
                       workers: int = 20) -> tuple[set[str], float]:
-    """Answered calls sent from a thread pool (dial-in, answer, hangup each; the calls of
-    one group step by step together, as two lines ringing at once), and ``kill`` called
-    once half the webhooks have gone, while the rest are still being sent.  Returns the
-    ids of the calls every webhook of which was answered 200, and when the kill came."""
-    total = 3 * sum(len(group) for group in groups)
+    """Answered Telphin calls (dial-in, answer, hangup each; the calls of one group step by
+    step together, as two lines ringing at once) sent from a thread pool, and ``kill``
+    called half way (see ``burst``).  The ids of the calls every webhook of which was
+    answered 200, and when the kill came."""
+    def steps(call: TelphinCall) -> list[Callable[[], int]]:
+        return [lambda s=s: send(s) for s in (
+            call.dial_in(), call.answer(), call.hangup("ANSWER", duration_us=12_400_000))]
+    return burst([[(call.call_id, steps(call)) for call in group] for group in groups],
+                 kill, workers)
+
+
+def burst(groups: list[list[tuple[str, list[Callable[[], int]]]]], kill: Callable[[], None],
+          workers: int = 20) -> tuple[set[str], float]:
+    """Calls sent from a thread pool, each a name and its webhooks (each a function that
+    sends it and gives the HTTP status); the calls of one group go step by step together.
+    ``kill`` is called once half the webhooks have gone, while the rest are still being
+    sent.  Returns the names of the calls every webhook of which was answered 200, and how
+    many seconds in the kill came."""
+    total = sum(len(steps) for group in groups for _, steps in group)
     sent = 0
     lock = threading.Lock()
     half = threading.Event()
     complete: set[str] = set()
 
-    def one(step: tuple[str, dict[str, str]]) -> int:
+    def one(step: Callable[[], int]) -> int:
         nonlocal sent
         try:
-            return send(step)
+            return step()
         except OSError:  # refused, reset or cut short by the kill
             return 0
         finally:
@@ -451,16 +465,14 @@ def kill_during_burst(send: Callable[[tuple[str, dict[str, str]]], int],
                 if sent >= total // 2:
                     half.set()
 
-    def run(group: tuple[TelphinCall, ...]) -> None:
-        ok = {call.call_id: True for call in group}
-        steps = [(call.dial_in(), call.answer(),
-                  call.hangup("ANSWER", duration_us=12_400_000)) for call in group]
-        for at in range(3):
-            for call, its in zip(group, steps):
-                if ok[call.call_id] and one(its[at]) != 200:
-                    ok[call.call_id] = False
+    def run(group: list[tuple[str, list[Callable[[], int]]]]) -> None:
+        ok = {name: True for name, _ in group}
+        for at in range(max(len(steps) for _, steps in group)):
+            for name, steps in group:
+                if at < len(steps) and ok[name] and one(steps[at]) != 200:
+                    ok[name] = False
         with lock:
-            complete.update(cid for cid, good in ok.items() if good)
+            complete.update(name for name, good in ok.items() if good)
 
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers) as pool:
