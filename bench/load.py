@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tenants", required=True, help="JSON list of sim.Tenant fields")
     parser.add_argument("--calls", type=int, required=True)
     parser.add_argument("--mix", default="default", help="'default' or one scenario name")
+    parser.add_argument("--pbx", default="telphin", choices=("telphin", "callgear"),
+                        help="whose webhooks: Telphin's forms or CallGear's JSON")
     parser.add_argument("--compress", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s; 0: saturate")
     parser.add_argument("--duration", type=float, default=3600.0, help="stop sending after")
@@ -226,9 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     mix = sim.MIX if args.mix == "default" else {args.mix: 1.0}
     # The stream is drawn at the rate it will be sent at, so calls overlap as they would;
     # each call lasts its real duration / compress.  EventTime starts now.
-    call_rate = args.rate / sim.events_per_call(mix) if args.rate else args.call_rate
-    hooks = sim.stream(tenants_from(args.tenants), args.calls, args.calls / call_rate,
-                       args.compress, mix, args.seed, epoch=time.time())
+    per_call = (sim.CALLGEAR_EVENTS_PER_CALL if args.pbx == "callgear"
+                else sim.events_per_call(mix))
+    call_rate = args.rate / per_call if args.rate else args.call_rate
+    if args.pbx == "callgear":
+        hooks = sim.callgear_stream(tenants_from(args.tenants), args.calls,
+                                    args.calls / call_rate, args.compress, args.seed,
+                                    epoch=time.time())
+    else:
+        hooks = sim.stream(tenants_from(args.tenants), args.calls, args.calls / call_rate,
+                           args.compress, mix, args.seed, epoch=time.time())
     requests = [w.request() for w in hooks]
     from twisted.internet import reactor
     load = Load(reactor, args.port, requests, args.rate, args.connections, args.duration,

@@ -79,13 +79,13 @@ def rss_kib(pid: int) -> int:
 
 def load(port: int, tenants: Path, calls: int, rate: float = 0.0, seconds: float = 3600.0,
          mix: str = "default", compress: float = 10.0, connections: int = 100,
-         seed: int = 1, started: Path | None = None) -> dict[str, Any]:
+         seed: int = 1, started: Path | None = None, pbx: str = "telphin") -> dict[str, Any]:
     """One run of the load generator (bench/load.py) in its own process; it writes
     ``started`` when its first request goes (it first spends a while encoding them)."""
     argv = [sys.executable, "-m", "bench.load", "--port", str(port), "--tenants",
             str(tenants), "--calls", str(calls), "--rate", str(rate), "--duration",
             str(seconds), "--mix", mix, "--compress", str(compress), "--connections",
-            str(connections), "--seed", str(seed)]
+            str(connections), "--seed", str(seed), "--pbx", pbx]
     if CLIENT_CPU is not None:
         argv += ["--cpu", str(CLIENT_CPU)]
     if started is not None:
@@ -99,9 +99,10 @@ def load(port: int, tenants: Path, calls: int, rate: float = 0.0, seconds: float
     return report
 
 
-def calls_for(rate: float, seconds: float) -> int:
+def calls_for(rate: float, seconds: float, pbx: str = "telphin") -> int:
     """Enough calls for ``seconds`` of load at ``rate`` requests/s."""
-    return int(rate * seconds / sim.events_per_call()) + 100
+    per_call = sim.CALLGEAR_EVENTS_PER_CALL if pbx == "callgear" else sim.events_per_call()
+    return int(rate * seconds / per_call) + 100
 
 
 class Monitor(threading.Thread):
@@ -174,16 +175,19 @@ class Bench:
         return gw
 
     def tenants(self, gw: harness.Gateway, first: int, count: int, crm_url: str,
-                name: str) -> tuple[list[sim.Tenant], Path]:
+                name: str, pbx: str = "telphin") -> tuple[list[sim.Tenant], Path]:
         """Create ``count`` tenants through the admin API; the file the generator reads."""
         out = []
         for number in range(first, first + count):
             tenant = sim.Tenant(id=number, login=f"TLP{number:05d}", key=harness.new_key(),
                                 prefix=str(7000 + number % 1000))
+            section = ({"kind": "telphin", "login": tenant.login, "queues": [sim.QUEUE],
+                        "ivrs": [sim.IVR]} if pbx == "telphin" else
+                       {"kind": "callgear", "login": tenant.login,
+                        "extensions": {"5001": "101", "5002": "102"}})
             status, body = gw.admin("POST", "/api/v1/tenants", {
                 "id": tenant.id, "name": f"Tenant {number}", "key": tenant.key,
-                "pbx": {"kind": "telphin", "login": tenant.login,
-                        "queues": [sim.QUEUE], "ivrs": [sim.IVR]},
+                "pbx": section,
                 "crm": {"kind": "altegio", "api_url": crm_url, "partner_token": PARTNER,
                         "crm_token": str(uuid.UUID(int=number))},
                 "options": {"default_number": "74950000000"},
@@ -197,10 +201,11 @@ class Bench:
 
     # The measures
 
-    def saturation(self, port: int, tenants: Path, pid: int) -> dict[str, Any]:
+    def saturation(self, port: int, tenants: Path, pid: int,
+                   pbx: str = "telphin") -> dict[str, Any]:
         cpu0 = cpu_seconds(pid)
-        report = load(port, tenants, calls_for(8000, self.plan.seconds),
-                      seconds=self.plan.seconds)
+        report = load(port, tenants, calls_for(8000, self.plan.seconds, pbx),
+                      seconds=self.plan.seconds, pbx=pbx)
         report["server_cpu_seconds"] = round(cpu_seconds(pid) - cpu0, 3)
         report["server_cpu_per_1000"] = round(
             1000 * report["server_cpu_seconds"] / max(1, report["answered"]), 4)
@@ -256,6 +261,13 @@ class Bench:
             self.results[name] = run
             self.log(f"{name} ({rate}/s): {run['latency_ms']}")
         self.results["gateway_queues"] = monitor.summary()
+        # CallGear's JSON notifications, to as many CallGear tenants on the same gateway.
+        _, callgear = self.tenants(gw, 100_001, self.plan.tenants,
+                                   crm_fake.url.replace("127.0.0.1", "localhost"),
+                                   "callgear-tenants", pbx="callgear")
+        cg = self.saturation(gw.port, callgear, gw.proc.pid, pbx="callgear")
+        self.results["gateway_callgear"] = cg
+        self.log(f"gateway, CallGear: {cg['throughput']} events/s")
         gw.proc.stop()
 
     def interactive_tenants(self, gw: harness.Gateway, first: int) -> list[sim.Tenant]:
@@ -489,6 +501,11 @@ def table(r: dict[str, Any], machine: dict[str, Any]) -> str:
             ("saturation, gateway", f"{gw['throughput']:.0f} events/s",
              f"{ratio(gw['throughput'], klein['throughput'])} Klein, "
              f"{ratio(gw['throughput'], web['throughput'])} web")]
+    cg = r.get("gateway_callgear")
+    if cg:
+        rows.append(("saturation, gateway, CallGear JSON", f"{cg['throughput']:.0f} events/s",
+                     f"{ratio(cg['throughput'], klein['throughput'])} Klein, "
+                     f"{ratio(cg['throughput'], gw['throughput'])} Telphin"))
     runs = (("gateway_at_50", "50% of Klein"), ("gateway_at_80", "80% of Klein"),
             ("gateway_at_own_50", "50% of own saturation"))
     for key, what in runs:

@@ -48,6 +48,7 @@ class Webhook:
     event: str
     path: str
     body: bytes
+    content_type: str = "application/x-www-form-urlencoded"
 
     def fields(self) -> dict[str, str]:
         """The form fields, decoded, as the gateway reads them."""
@@ -56,7 +57,7 @@ class Webhook:
     def request(self, host: str = "127.0.0.1") -> bytes:
         """The whole HTTP/1.1 request, for a keep-alive connection."""
         return (f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\n"
-                "Content-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Type: {self.content_type}\r\n"
                 f"Content-Length: {len(self.body)}\r\n\r\n").encode() + self.body
 
 
@@ -254,5 +255,45 @@ def stream(tenants: list[Tenant], calls: int, duration: float, compress: float =
         tenant = tenants[rng.randrange(len(tenants))]
         call_id, steps = call(rng.choices(names, weights)[0], tenant, rng)
         out += webhooks(tenant, call_id, steps, duration * i / calls, compress, epoch)
+    out.sort(key=lambda w: w.at)
+    return out
+
+
+# CallGear: the eight HTTP notifications, JSON rendered from the templates a customer pastes
+# (gateway/protocols/callgear.py), the scripts of its fake (tests/fakes/callgear.py).
+
+CALLGEAR_MIX = {"answered": 0.7, "lost": 0.3}
+CALLGEAR_EVENTS_PER_CALL = 0.7 * 5 + 0.3 * 5  # answered: 5 notifications; lost (2 rung): 5
+
+
+def callgear_stream(tenants: list[Tenant], calls: int, duration: float,
+                    compress: float = 10.0, seed: int = 1,
+                    epoch: float = 0.0) -> list[Webhook]:
+    """``calls`` CallGear calls (answered by one employee, or lost after ringing two), their
+    starts spread evenly over ``duration`` s; every notification, in send order."""
+    import time
+
+    from gateway.protocols.callgear import template
+    from tests.fakes.callgear import answered_call, lost_call, render
+
+    rng = random.Random(seed)
+    out: list[Webhook] = []
+    for i in range(calls):
+        tenant = tenants[rng.randrange(len(tenants))]
+        session = rng.randrange(10**9, 10**10)
+        client = f"7916{rng.randrange(10**7):07d}"
+        start = duration * i / calls
+        day = time.strftime("%Y-%m-%d", time.gmtime(epoch + start))
+        if rng.random() < CALLGEAR_MIX["answered"]:
+            talk = rng.randint(20, 240)
+            script = answered_call(session, client, tenant.did, 5001, talk, day=day)
+            offsets = [0, 1, 7, 7 + talk, 8 + talk]
+        else:
+            script = lost_call(session, client, tenant.did, [5001, 5002], day=day)
+            offsets = [0, 1, 1, 40, 41]
+        for (event, values), offset in zip(script, offsets):
+            out.append(Webhook(start + offset / compress, tenant.id, str(session), event,
+                               f"/notify/{tenant.id}/{event}/{tenant.login}?key={tenant.key}",
+                               render(template(event), values), "application/json"))
     out.sort(key=lambda w: w.at)
     return out

@@ -89,3 +89,33 @@ async def test_the_load_generator_counts_every_answer() -> None:
             assert report["errors"] == []
     finally:
         await port.stopListening()
+
+
+def test_the_callgear_stream_is_notifications_the_gateway_takes_with_known_records() -> None:
+    from twisted.internet.task import Clock
+
+    from gateway.calls import Call, Policy
+    from gateway.model import Inbound, parse_tenant
+    from gateway.protocols.callgear import CallGear
+
+    cg = parse_tenant({"id": 807, "name": "ACME", "key": TENANT.key,
+                       "pbx": {"kind": "callgear", "login": "ACME",
+                               "extensions": {"5001": "101", "5002": "102"}},
+                       "crm": {"kind": "altegio", "api_url": "https://api.alteg.io",
+                               "partner_token": "T", "crm_token": "C"},
+                       "options": {"default_number": "74951234567"}})
+    target = sim.Tenant(807, "ACME", TENANT.key)
+    hooks = sim.callgear_stream([target], 40, 4.0, seed=3)
+    assert len(hooks) == 40 * sim.CALLGEAR_EVENTS_PER_CALL
+    pbx, policy, calls = CallGear(None, Clock()), Policy(), {}
+    records = 0
+    for hook in hooks:
+        path, query = hook.path.split("?", 1)
+        assert path == f"/notify/807/{hook.event}/ACME"
+        inbound = Inbound("POST", hook.event, query.encode(), hook.body, hook.content_type)
+        pbx.authenticate(inbound, cg)
+        for ev in pbx.parse(inbound, cg, 100.0):
+            call = calls.setdefault(ev.call, Call(807, ev.call))
+            records += sum(e.kind == "record" for e in call.event(ev, policy))
+    records += sum(e.kind == "record" for c in calls.values() for e in c.expire(policy))
+    assert len(calls) == 40 and records == 40  # one record a call, answered or lost
