@@ -49,9 +49,6 @@ class Engine:
         self.tenant = tenant
         self.supports = supports
         self.deliver = deliver
-        # The ids of actions whose request is out now (the dispatcher's): a pop-up in
-        # flight when its leg ends may yet be shown, so its close is kept.
-        self.flying: Callable[[], frozenset[int]] = frozenset
         self.batch = batch
         self.cursor = 0
         self.calls: dict[tuple[int, str], Call] = {}
@@ -345,7 +342,7 @@ class Engine:
             [leg for legs in stale.values() for leg in legs], now,
             held=[(t, k, error, [(seq, ev.to_row()) for seq, ev in evs])
                   for (t, k), (error, evs) in held.items()],
-            release=list(release), flying=self.flying())
+            release=list(release))
         self._unreadable.clear()
         self.cursor = cursor
         if not refold:

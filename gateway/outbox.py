@@ -14,9 +14,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from gateway.errors import Permanent, Retryable
-from gateway.model import DEAD, DONE, DROPPED, FAILED, PENDING, POPUP, Action, Attempt
+from gateway.model import (CLOSE_POPUP, DEAD, DONE, DROPPED, FAILED, PENDING, POPUP,
+                           POPUP_UPDATE, Action, Attempt)
 
 log = Logger()
+
+# Legs whose pop-up was never shown, remembered for their updates and close (a few MB).
+UNSHOWN_KEPT = 50_000
 
 
 @attrs.define
@@ -123,6 +127,10 @@ class Dispatcher:
         self._buckets: dict[str, TokenBucket] = {}
         self._pauses: dict[str, float] = {}  # bucket key → until (clock time) a 429 asked
         self._flying: set[int] = set()
+        # (tenant, call, leg) of pop-ups settled without being shown (dropped, refused,
+        # dead): their updates and close would update or close nothing, and a CRM that
+        # checks the order (Planfix) refuses them.  The newest UNSHOWN_KEPT only.
+        self._unshown: dict[tuple[int, str, str], None] = {}
         self._stale: set[int] = set()  # pop-ups in flight whose leg has ended meanwhile
         # A tenant's setup (enable) goes before anything else of that tenant: Altegio
         # ignores events and history until it has seen it.
@@ -289,6 +297,12 @@ class Dispatcher:
                     heapq.heappop(heap)
                     self._settle(action, DROPPED, None, "", "older than the pop-up TTL")
                     continue
+                if action.kind in (POPUP_UPDATE, CLOSE_POPUP) and (
+                        action.tenant, action.call, action.leg) in self._unshown:
+                    # One call's actions go in order: its pop-up was settled before this.
+                    heapq.heappop(heap)
+                    self._settle(action, DROPPED, None, "", "its pop-up was never shown")
+                    continue
                 wait = self._bucket_wait(action, now)
                 if wait > 0:
                     wake = wait if wake is None else min(wake, wait)
@@ -407,6 +421,10 @@ class Dispatcher:
             action.last_error = request if state != DROPPED else answer
         self._count(state)
         self._stale.discard(action.id)
+        if action.kind == POPUP and state != DONE:
+            self._unshown[(action.tenant, action.call, action.leg)] = None
+            if len(self._unshown) > UNSHOWN_KEPT:
+                del self._unshown[next(iter(self._unshown))]
         self._record(action, Attempt(
             action=action.id, at=self.clock.seconds(), outcome=state, status=status,
             request=request, answer=answer[:500]))
@@ -437,7 +455,3 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return len(self._flying)
-
-    def flying(self) -> frozenset[int]:
-        """The ids of the actions whose request is out now."""
-        return frozenset(self._flying)

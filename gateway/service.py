@@ -64,7 +64,6 @@ class Gateway(MultiService):
         self.engine = Engine(store, reactor, self.tenants.get, self._supports, self._deliver)
         self.dispatcher = outbox.Dispatcher(store, reactor, self._perform, self._limits,
                                             dispatch, rng)
-        self.engine.flying = self.dispatcher.flying
         self.lookups: dict[int, tuple[float, Lookup]] = {}  # tenant → (fresh, its cache)
         self.credentials: dict[int, dict[str, Any]] = {}  # id → {"kind", "name", "fields"}
         # Tenant and credential writes one at a time (the admin API, a CRM's setup

@@ -5,11 +5,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
+
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 
 from gateway.errors import Permanent, Retryable
-from gateway.model import DEAD, DONE, DROPPED, FAILED, POPUP, RECORD, SETUP, Action, Attempt
+from gateway.model import (CLOSE_POPUP, DEAD, DONE, DROPPED, FAILED, POPUP, POPUP_UPDATE,
+                           RECORD, SETUP, Action, Attempt)
 from gateway.outbox import Dispatcher, Policy, TokenBucket, backoff
 
 
@@ -130,6 +133,44 @@ def test_popup_in_flight_when_its_leg_ends_is_dropped_if_it_fails() -> None:
     clock.advance(3600)
     assert crm.sent == [] and pop.state == DROPPED
     assert [a.outcome for a in store.attempts] == [DROPPED]
+
+
+@pytest.mark.parametrize(("fate", "shown"), [
+    ("dropped", False),  # its leg ended before it went out
+    ("in flight, then done", True),  # its leg ended while its request was out: shown
+    ("in flight, then failed", False),
+    ("refused", False),  # a permanent failure
+    ("done", True),
+])
+def test_a_pop_ups_close_and_update_go_only_if_it_was_shown(fate: str, shown: bool) -> None:
+    d, crm, clock, store = make(Policy(max_in_flight=1))
+    blocker = action(call="c0")
+    d.add([blocker])
+    pop = action(kind=POPUP, call="c1", leg="S1")
+    d.add([pop])
+    if fate == "dropped":
+        d.drop([pop.id])
+        crm.answer(0)  # the blocker
+    else:
+        crm.answer(0)
+        assert crm.sent == [pop.id]
+        if fate.startswith("in flight"):
+            d.drop([pop.id])
+        crm.answer(0, None if fate.endswith("done") else
+                   Retryable("503", status=503) if fate.startswith("in flight") else
+                   Permanent("400", status=400))
+    update = action(kind=POPUP_UPDATE, call="c1", leg="S1")
+    close = action(kind=CLOSE_POPUP, call="c1", leg="S1")
+    other = action(kind=CLOSE_POPUP, call="c1", leg="S2")  # another leg's: not this one's
+    d.add([update, close, other])
+    sent = []
+    while crm.calls:
+        sent.append(crm.calls[0][0].id)
+        crm.answer(0)
+    assert sent == ([update.id, close.id, other.id] if shown else [other.id])
+    if not shown:
+        assert update.state == close.state == DROPPED
+        assert {a.request for a in store.attempts if a.action == close.id} == {""}
 
 
 def test_token_bucket_limits_the_rate_per_host() -> None:

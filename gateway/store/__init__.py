@@ -47,15 +47,12 @@ class IStore(Interface):
         """State of every call that is not final (to re-arm timers after a restart)."""
 
     def commit_fold(cursor: int, calls: list, actions: list, stale_legs: list, now: float,
-                    held: list = (), release: list = (), flying: frozenset = frozenset()
-                    ) -> Any:
+                    held: list = (), release: list = ()) -> Any:
         """In one transaction: write call states, insert actions (ignoring ones whose
         idempotency key exists), drop pending pop-ups of ended legs, add ``held``
         (tenant, key, error, [(seq, event row)]) to the quarantine (joining a call's earlier
         held events), delete the quarantine rows of ``release`` (re-folded calls), advance
-        the cursor.  An ended leg's pending pop-up and pop-up updates are dropped, and so is
-        its pending close when its pop-up was never shown (not done, and not among ``flying``,
-        the ids of requests out now).  Fires with
+        the cursor.  An ended leg's pending pop-up and pop-up updates are dropped.  Fires with
         (inserted actions with ids, ids of dropped actions)."""
 
     # Quarantine

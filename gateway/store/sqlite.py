@@ -13,9 +13,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from gateway.model import (CLOSE_POPUP, DEAD, DONE, DROPPED, FAILED, PENDING, POPUP,
-                           POPUP_UPDATE, Action, Attempt, Event, Tenant,
-                           legacy_outcome)
+from gateway.model import (DEAD, DROPPED, FAILED, PENDING, POPUP, POPUP_UPDATE, Action,
+                           Attempt, Event, Tenant, legacy_outcome)
 from gateway.store import Conflict, IStore
 from gateway.store.schema import MIGRATIONS
 
@@ -219,8 +218,7 @@ class SQLiteStore:
     def commit_fold(self, cursor: int, calls: list[dict], actions: list[Action],
                     stale_legs: list[tuple[int, str, str]], now: float,
                     held: list[tuple[int, str, str, list]] = (),
-                    release: list[tuple[int, str]] = (),
-                    flying: frozenset[int] = frozenset()) -> Deferred:
+                    release: list[tuple[int, str]] = ()) -> Deferred:
         def write(db: sqlite3.Connection) -> tuple[list[Action], list[int]]:
             for tenant, key in release:
                 db.execute("DELETE FROM quarantine WHERE tenant = ? AND key = ?",
@@ -251,24 +249,12 @@ class SQLiteStore:
                     inserted.append(a)
             dropped = []
             for tenant, call, leg in stale_legs:
-                popups = db.execute(
-                    "SELECT id, state FROM actions WHERE tenant = ? AND call = ? AND leg = ? "
-                    "AND kind = ?", (tenant, call, leg, POPUP)).fetchall()
+                # A pop-up and its "answered" update are for a live leg only.
                 rows = db.execute(
                     "UPDATE actions SET state = ?, last_error = 'leg ended before delivery' "
                     "WHERE tenant = ? AND call = ? AND leg = ? AND kind IN (?, ?) "
                     "AND state = ? RETURNING id",
                     (DROPPED, tenant, call, leg, POPUP, POPUP_UPDATE, PENDING)).fetchall()
-                # A close for a pop-up no CRM showed (never sent, or refused for good) would
-                # close nothing, and a CRM that checks the order refuses it.  One whose
-                # request is out (``flying``) may yet be shown: its close stays.
-                if not any(state == DONE or state == PENDING and pid in flying
-                           for pid, state in popups):
-                    rows += db.execute(
-                        "UPDATE actions SET state = ?, last_error = 'its pop-up was never "
-                        "shown' WHERE tenant = ? AND call = ? AND leg = ? AND kind = ? "
-                        "AND state = ? RETURNING id",
-                        (DROPPED, tenant, call, leg, CLOSE_POPUP, PENDING)).fetchall()
                 dropped.extend(r[0] for r in rows)
             db.execute("INSERT OR REPLACE INTO cursors (name, seq) VALUES ('fold', ?)",
                        (cursor,))

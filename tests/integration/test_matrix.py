@@ -62,7 +62,8 @@ def test_kill_during_a_burst_each_acknowledged_call_once(procs: Processes, pbx: 
     wait_for(lambda: {("answered", c[1:], callers[c]) for c in done}
              <= set(pair.crm.records()), 60, f"every acknowledged call in {crm}")
     health = pair.settled(60)
-    assert not {"failed", "dead"} & set(health["actions"]), health
+    assert not {"failed", "dead"} & set(health["actions"]), (
+        health, pair.gateway.admin("GET", "/api/v1/actions?state=failed")[1])
     records = pair.crm.records()
     twice = [r for r in set(records) if records.count(r) > 1]
     assert not twice, f"recorded more than once: {twice}"
