@@ -331,6 +331,8 @@ class Dispatcher:
         if wait == 0:
             for key, _, _ in specs:
                 self._buckets[key].take()
+        else:
+            self._count("rate_limit_wait")
         return wait
 
     def _arm(self, wake: float | None) -> None:

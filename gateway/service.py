@@ -18,6 +18,7 @@ from gateway.errors import Permanent, Retryable
 from gateway.httpclient import HttpClient
 from gateway.crm import Command
 from gateway.lookup import Lookup
+from gateway.metrics import ERROR, OK, PERMANENT, RETRYABLE, Metrics
 from gateway.model import ATTACH, RECORD, SETUP, Action, Tenant, digits, parse_tenant
 
 log = Logger()
@@ -64,6 +65,8 @@ class Gateway(MultiService):
         self.engine = Engine(store, reactor, self.tenants.get, self._supports, self._deliver)
         self.dispatcher = outbox.Dispatcher(store, reactor, self._perform, self._limits,
                                             dispatch, rng)
+        self.metrics = Metrics(self)
+        self.metrics.watch_appends(store)
         self.lookups: dict[int, tuple[float, Lookup]] = {}  # tenant → (fresh, its cache)
         self.credentials: dict[int, dict[str, Any]] = {}  # id → {"kind", "name", "fields"}
         # Tenant and credential writes one at a time (the admin API, a CRM's setup
@@ -158,9 +161,14 @@ class Gateway(MultiService):
         return self.crms[tenant.crm.kind].limits(tenant)
 
     async def _perform(self, action: Action) -> tuple[str, int, str]:
+        started = self.reactor.seconds()
+        outcome = ERROR
         try:
-            return await self._deliver_one(action)
+            result = await self._deliver_one(action)
+            outcome = OK
+            return result
         except (Retryable, Permanent) as e:
+            outcome = RETRYABLE if isinstance(e, Retryable) else PERMANENT
             tenant = self.tenants.get(action.tenant)
             log.warn("tenant {tenant} ({login}) call {call}: {kind} #{id} not delivered "
                      "(try {attempt}): {error}", tenant=action.tenant,
@@ -168,6 +176,11 @@ class Gateway(MultiService):
                      kind=action.kind, id=action.id, attempt=action.attempts + 1,
                      error=str(e))
             raise
+        finally:
+            tenant = self.tenants.get(action.tenant)
+            self.metrics.crm_seconds.labels(tenant.crm.kind if tenant else "unknown",
+                                            outcome).observe(
+                self.reactor.seconds() - started)
 
     async def _deliver_one(self, action: Action) -> tuple[str, int, str]:
         tenant = self.tenants.get(action.tenant)
@@ -218,7 +231,11 @@ class Gateway(MultiService):
             return crm.responsible(tenant, number)
 
         d = cached[1].get(key, fetch, float(tenant.option("interactive_deadline")))
-        return d.addCallback(lambda answer: answer.value)
+        return d.addCallback(self._answered)
+
+    def _answered(self, answer: Any) -> Any:
+        self.metrics.answered(answer.source)
+        return answer.value
 
     def command(self, tenant: Tenant, command: Command) -> Deferred:
         """A CRM's click-to-call or hang-up, performed through the tenant's PBX."""

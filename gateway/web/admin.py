@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import attrs
 from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
@@ -136,6 +137,14 @@ class AdminSite:
         if tenant is None or tenant.deleted:
             raise BadRequest("id", f"no tenant {tenant_id[:20]}", status=404)
         return tenant
+
+    @app.route("/metrics", methods=["GET"])
+    @_authorised
+    async def metrics(self, request: IRequest) -> bytes:
+        """Prometheus' scrape (its ``authorization`` section sends the bearer token)."""
+        body = await self.gateway.metrics.exposition()
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return body
 
     @app.route("/api/v1/tenants", methods=["POST"])
     @_authorised

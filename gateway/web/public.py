@@ -141,6 +141,7 @@ class PublicSite:
         events; they are stored, then answered "OK"."""
         refused = self._methods(request, (b"GET", b"POST"))
         if refused is not None:
+            self.gateway.metrics.webhook(request.postpath[0], 405)
             return refused
         prefix = request.postpath[0].decode()
         pbx = None
@@ -155,18 +156,24 @@ class PublicSite:
             self._enabled(tenant)
             if pbx.is_lookup(inbound):
                 return self._lookup(request, pbx, tenant, login, inbound)
-            events = pbx.parse(inbound, tenant, self.gateway.reactor.seconds())
+            now = self.gateway.reactor.seconds()
+            events = pbx.parse(inbound, tenant, now)
         except BadRequest as error:
+            self.gateway.metrics.webhook(request.postpath[0], error.status)
             return self.reject(request, error, pbx)
         call = events[0].call if events else ""
         self.gateway.store.append(events).addCallbacks(
-            self._stored, self._not_stored, callbackArgs=(request, events),
+            self._stored, self._not_stored, callbackArgs=(request, events, now),
             errbackArgs=(request, tenant, login, call)).addErrback(
             lambda f: log.failure("tenant {tenant} ({login}) call {call}: answering failed",
                                   f, tenant=tenant.id, login=login, call=call))
         return NOT_DONE_YET
 
-    def _stored(self, seqs: list[int | None], request: IRequest, events: list) -> None:
+    def _stored(self, seqs: list[int | None], request: IRequest, events: list,
+                appended: float) -> None:
+        metrics = self.gateway.metrics
+        metrics.append_seconds.observe(self.gateway.reactor.seconds() - appended)
+        metrics.webhook(request.postpath[0], 200)
         self.gateway.engine.poke(zip(seqs, events))
         _answer(request, 200, b"text/plain", b"OK")
 
@@ -175,6 +182,7 @@ class PublicSite:
         # Not stored, so not "200": the PBX may try again.
         log.failure("tenant {tenant} ({login}) call {call}: append failed", failure,
                     tenant=tenant.id, login=login, call=call)
+        self.gateway.metrics.webhook(request.postpath[0], 503)
         _answer(request, 503, b"text/plain", b"store unavailable, not stored\n")
 
     def interactive(self, request: IRequest) -> bytes | int:
@@ -202,9 +210,14 @@ class PublicSite:
         """Answer a synchronous lookup (call-interactive, or a PBX's webhook that asks who
         the caller's manager is) with the manager's extension, in the PBX's format."""
         number = pbx.interactive_number(inbound)
+        metrics = self.gateway.metrics
+        asked = self.gateway.reactor.seconds()
 
         def answer(extension: str | None) -> None:
             ctype, body = pbx.interactive_answer(tenant, extension)
+            metrics.interactive_seconds.observe(self.gateway.reactor.seconds() - asked)
+            if request.postpath[0] != b"cid":  # a PBX's webhook that asks (is_lookup)
+                metrics.webhook(request.postpath[0], 200)
             _answer(request, 200, ctype, body)
 
         self.gateway.responsible(tenant, number).addCallback(answer).addErrback(
