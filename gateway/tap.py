@@ -9,7 +9,7 @@ import sys
 
 from twisted.python import usage
 
-from gateway import outbox, web
+from gateway import outbox, seal, web
 from gateway.service import Gateway
 from gateway.store import open_store
 
@@ -35,6 +35,10 @@ class Options(usage.Options):
          "Where state lives: sqlite:PATH (the embedded store)."],
         ["admin-token-file", None, "var/admin-token",
          "File holding the admin API bearer token; generated (and printed) if absent."],
+        ["secret-key-file", None, "",
+         "File holding the key that seals secrets in the database; generated (mode "
+         "0600) if absent.  A database sealed with another key does not start.  "
+         "Default: secret-key beside --admin-token-file."],
         ["max-age", None, 86400.0,
          "Seconds a CRM action is retried before it is dead-lettered.", float],
         ["popup-ttl", None, 60.0,
@@ -92,6 +96,16 @@ def admin_token(path: str) -> str:
     return token
 
 
+def secret_key(options: Options) -> seal.Sealer:
+    """The key that seals secrets in the store, from its file (created on first run)."""
+    path = (options["secret-key-file"]
+            or seal.default_key_file(options["admin-token-file"]))
+    try:
+        return seal.key_file(path)
+    except ValueError as e:
+        raise usage.UsageError(f"--secret-key-file: {e}") from None
+
+
 def tune_gc() -> None:
     """Garbage collection for the daemon, tuned for latency (make bench: p99.9 at a steady
     1,100 webhooks/s went from 27-141 ms to 18-28 ms, RSS unchanged).
@@ -112,7 +126,7 @@ def makeService(options: Options) -> Gateway:
 
     tune_gc()
     return Gateway(
-        store=open_store(options["database"], reactor),
+        store=open_store(options["database"], reactor, sealer=secret_key(options)),
         reactor=reactor,
         listen=options["listen"],
         admin_listen=options["admin-listen"],

@@ -9,6 +9,9 @@ when no server is configured), and teach ``open_store`` that URL; e.g. for Postg
 database named after the test from a server URL in an environment variable, yield
 ``postgresql://…/that-db``, drop it afterwards.
 
+Stores are opened with a key (``Backend.sealer``, one per test), so every store test runs on
+sealed secrets; ``open(sealer=None)`` opens one without.
+
 A test that must look at one backend's internals (a file-level check, a ``PRAGMA``) says which
 with ``@pytest.mark.backends("sqlite")``: it is skipped for the others.
 """
@@ -22,7 +25,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from gateway.seal import Sealer
 from gateway.store import open_store
+
+_DEFAULT = object()
 
 
 @contextmanager
@@ -48,11 +54,19 @@ class Backend:
         self.name = name
         self.url = url
         self.running: list[Any] = []
+        self.sealer = Sealer.generate("the test's key")
 
-    async def open(self) -> Any:
-        """A started store on this database (migrated by its start)."""
-        store = open_store(self.url, reactor)
-        await store.start()
+    async def open(self, sealer: Any = _DEFAULT) -> Any:
+        """A started store on this database (migrated by its start), sealing with
+        ``sealer`` (default: the test's key; None: none).  Stopped after the test, and at
+        once when its start fails."""
+        store = open_store(self.url, reactor,
+                           sealer=self.sealer if sealer is _DEFAULT else sealer)
+        try:
+            await store.start()
+        except BaseException:
+            await store.stop()
+            raise
         self.running.append(store)
         return store
 

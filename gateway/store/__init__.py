@@ -21,7 +21,13 @@ class IStore(Interface):
     """
 
     def start() -> Any:
-        """Open the database and apply pending schema migrations."""
+        """Open the database and apply pending schema migrations.  Fails with
+        gateway.seal.SealError when the secrets were sealed with another key than the
+        store's, or the store has none; seals secrets stored in clear when it has one."""
+
+    def reseal(new: Any) -> Any:
+        """Re-seal every sealed secret with ``new`` (a gateway.seal.Sealer) in one
+        transaction and use it from then on: rotating the key."""
 
     def stop() -> Any:
         """Finish queued writes and close; fires when closed."""
@@ -165,10 +171,11 @@ class IStore(Interface):
         whether there was one."""
 
 
-def open_store(url: str, reactor: Any) -> Any:
-    """The store a ``--database`` URL names."""
+def open_store(url: str, reactor: Any, sealer: Any = None) -> Any:
+    """The store a ``--database`` URL names; ``sealer`` (gateway.seal.Sealer) seals its
+    secrets."""
     if url.startswith("sqlite:"):
         from gateway.store.sqlite import SQLiteStore
 
-        return SQLiteStore(url[len("sqlite:"):], reactor)
+        return SQLiteStore(url[len("sqlite:"):], reactor, sealer=sealer)
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:PATH")

@@ -101,4 +101,14 @@ MIGRATIONS: list[str] = [
         updated REAL NOT NULL
     );
     """,
+    # 5: the probe of the key that seals secrets (gateway.seal): a value sealed with it, so a
+    # store opened with another key, or none, refuses to start even before a secret is read.
+    # Written (and the secrets stored in clear until then sealed) by the first start with a
+    # key.
+    """
+    CREATE TABLE seal (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        probe TEXT NOT NULL
+    );
+    """,
 ]

@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from gateway.model import (DEAD, DROPPED, FAILED, PENDING, POPUP, POPUP_UPDATE, Action,
                            Attempt, Event, Tenant, legacy_outcome)
+from gateway.seal import SealError, Sealer, open_all, seal_fields
 from gateway.store import Conflict, IStore
 from gateway.store.schema import MIGRATIONS
 
@@ -80,11 +81,17 @@ class _GroupCommit:
 
 @implementer(IStore)
 class SQLiteStore:
-    """IStore on a SQLite file (WAL, synchronous=FULL: a commit survives a power cut)."""
+    """IStore on a SQLite file (WAL, synchronous=FULL: a commit survives a power cut).
 
-    def __init__(self, path: str, reactor: Any, batch: int = 2000) -> None:
+    With a ``sealer`` every secret is sealed with its key (gateway.seal); without one, a
+    database whose secrets were sealed refuses to start and secrets are written in clear
+    (the daemon always has a key: only tests and tools open a store without one)."""
+
+    def __init__(self, path: str, reactor: Any, batch: int = 2000,
+                 sealer: Sealer | None = None) -> None:
         self.path = path
         self.reactor = reactor
+        self._sealer = sealer
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="sqlite")
         self._db: sqlite3.Connection | None = None
         self._durable = True
@@ -107,19 +114,100 @@ class SQLiteStore:
     def _open_sync(self) -> None:
         if self.path != ":memory:" and os.path.dirname(self.path):
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            # Secrets live in it: created 0600 (SQLite gives -wal and -shm the same mode).
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            db.execute("BEGIN")
-            for statement in script.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version={number}")
-            db.execute("COMMIT")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=5000")
+            # A replaced secret (a tenant's, a refreshed token) is zeroed, not left in a
+            # free page.
+            db.execute("PRAGMA secure_delete=ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                db.execute("BEGIN")
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={number}")
+                db.execute("COMMIT")
+            self._check_seal(db)
+            if self.path != ":memory:":
+                for suffix in ("", "-wal", "-shm"):  # made by an older gateway, or a copy
+                    if os.path.exists(self.path + suffix):
+                        os.chmod(self.path + suffix, 0o600)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
+
+    # Sealed secrets (gateway.seal)
+
+    def _check_seal(self, db: sqlite3.Connection) -> None:
+        """Refuse another key, or none, than the one the secrets were sealed with; with a key,
+        seal what an earlier gateway stored in clear (once, in one transaction)."""
+        row = db.execute("SELECT probe FROM seal WHERE id = 1").fetchone()
+        if row is not None:
+            open_all(json.loads(row[0]), self._sealer)  # SealError: no key, another key
+            return
+        if self._sealer is None:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._reseal_rows(db, None, self._sealer)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        # The clear secrets' old pages are still in the WAL: copy it back and empty it.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _reseal_rows(self, db: sqlite3.Connection, old: Sealer | None, new: Sealer) -> None:
+        """Open every stored secret with ``old`` and seal it with ``new`` (or seal the clear
+        ones, ``old`` None), and store the probe of ``new``."""
+        for id_, data in db.execute("SELECT id, data FROM tenants").fetchall():
+            opened = open_all(json.loads(data), old)
+            db.execute("UPDATE tenants SET data = ? WHERE id = ?",
+                       (_dumps(self._sealed_tenant(opened, new)), id_))
+        for id_, data in db.execute("SELECT id, data FROM credentials").fetchall():
+            db.execute("UPDATE credentials SET data = ? WHERE id = ?",
+                       (_dumps(new.seal(open_all(json.loads(data), old))), id_))
+        for key, data in db.execute("SELECT key, data FROM tokens").fetchall():
+            db.execute("UPDATE tokens SET data = ? WHERE key = ?",
+                       (_dumps(new.seal(open_all(json.loads(data), old))), key))
+        db.execute("INSERT OR REPLACE INTO seal (id, probe) VALUES (1, ?)",
+                   (_dumps(new.seal("probe")),))
+
+    @staticmethod
+    def _sealed_tenant(data: dict[str, Any], sealer: Sealer | None) -> dict[str, Any]:
+        if sealer is None:
+            return data
+        return seal_fields(data, Tenant.from_json(data).secret_fields(), sealer)
+
+    def _sealed(self, value: Any) -> Any:
+        return value if self._sealer is None else self._sealer.seal(value)
+
+    def _opened(self, data: str) -> Any:
+        return open_all(json.loads(data), self._sealer)
+
+    def reseal(self, new: Sealer) -> Deferred:
+        """Re-seal every secret with ``new`` in one transaction, and use it from then on
+        (rotating the key: gateway.seal)."""
+        def write(db: sqlite3.Connection) -> None:
+            if self._sealer is None:
+                raise SealError("re-sealing needs the key the secrets are sealed with")
+            self._reseal_rows(db, self._sealer, new)
+
+        def checkpoint() -> None:  # the old key's tokens out of the WAL too
+            assert self._db is not None
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        def done(_: None) -> Deferred:
+            self._sealer = new
+            return self._run(checkpoint)
+        return self._run(self._tx, write).addCallback(done)
 
     def stop(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
@@ -339,12 +427,12 @@ class SQLiteStore:
         def read() -> list[Tenant]:
             assert self._db is not None
             rows = self._db.execute("SELECT data FROM tenants ORDER BY id")
-            return [Tenant.from_json(json.loads(d)) for (d,) in rows]
+            return [Tenant.from_json(self._opened(d)) for (d,) in rows]
         return self._run(read)
 
     def put_tenant(self, tenant: Tenant, now: float) -> Deferred:
         def write(db: sqlite3.Connection) -> None:
-            data = tenant.to_json(secrets=True)
+            data = self._sealed_tenant(tenant.to_json(secrets=True), self._sealer)
             db.execute("INSERT OR REPLACE INTO tenants (id, data, updated) VALUES (?, ?, ?)",
                        (tenant.id, _dumps(data), now))
         return self._run(self._tx, write)
@@ -354,7 +442,8 @@ class SQLiteStore:
         """Save a tenant and queue its setup action in one transaction."""
         def write(db: sqlite3.Connection) -> Action | None:
             db.execute("INSERT OR REPLACE INTO tenants (id, data, updated) VALUES (?, ?, ?)",
-                       (tenant.id, _dumps(tenant.to_json(secrets=True)), now))
+                       (tenant.id, _dumps(self._sealed_tenant(tenant.to_json(secrets=True),
+                                                              self._sealer)), now))
             if action is None:
                 return None
             cur = db.execute(
@@ -528,7 +617,7 @@ class SQLiteStore:
             if other:
                 raise Conflict(f"credential {other[0]} is already named {name!r} for "
                                f"{kind!r}")
-            data = _dumps(fields)
+            data = _dumps(self._sealed(fields))
             if id_ is None:
                 return db.execute("INSERT INTO credentials (kind, name, data, created, "
                                   "updated) VALUES (?, ?, ?, ?, ?)",
@@ -548,7 +637,7 @@ class SQLiteStore:
                 rows = self._db.execute(f"{query} ORDER BY id")
             else:
                 rows = self._db.execute(f"{query} WHERE kind = ? ORDER BY id", (kind,))
-            return [_credential(r) for r in rows]
+            return [self._credential(r) for r in rows]
         return self._run(read)
 
     def credential(self, credential_id: int) -> Deferred:
@@ -556,7 +645,7 @@ class SQLiteStore:
             assert self._db is not None
             row = self._db.execute(f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials "
                                    "WHERE id = ?", (credential_id,)).fetchone()
-            return _credential(row) if row else None
+            return self._credential(row) if row else None
         return self._run(read)
 
     def delete_credential(self, credential_id: int) -> Deferred:
@@ -571,7 +660,7 @@ class SQLiteStore:
         def read() -> dict | None:
             assert self._db is not None
             row = self._db.execute("SELECT data FROM tokens WHERE key = ?", (key,)).fetchone()
-            return json.loads(row[0]) if row else None
+            return self._opened(row[0]) if row else None
         return self._run(read)
 
     def put_token(self, key: str, data: dict) -> Deferred:
@@ -585,7 +674,7 @@ class SQLiteStore:
             if not isinstance(data, dict):
                 raise ValueError("a token's data must be an object")
             db.execute("INSERT OR REPLACE INTO tokens (key, data, updated) VALUES (?, ?, ?)",
-                       (key, _dumps(data), at))
+                       (key, _dumps(self._sealed(data)), at))
         return self._run(self._tx, write, False)
 
     def delete_token(self, key: str) -> Deferred:
@@ -593,14 +682,15 @@ class SQLiteStore:
             return db.execute("DELETE FROM tokens WHERE key = ?", (key,)).rowcount > 0
         return self._run(self._tx, write, False)
 
+    def _credential(self, row: tuple) -> dict:
+        id_, kind, name, data, created, updated = row
+        return {"id": id_, "kind": kind, "name": name, "fields": self._opened(data),
+                "created": created, "updated": updated}
+
 
 _CREDENTIAL_COLUMNS = "id, kind, name, data, created, updated"
 
 
-def _credential(row: tuple) -> dict:
-    id_, kind, name, data, created, updated = row
-    return {"id": id_, "kind": kind, "name": name, "fields": json.loads(data),
-            "created": created, "updated": updated}
 
 
 _ACTION_COLUMNS = ("id, tenant, call, leg, kind, key, payload, created, state, attempts, "
