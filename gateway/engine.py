@@ -99,11 +99,17 @@ class Engine:
                 self._unreadable[key] = f"stored state unreadable: {e!r}"
                 self.quarantined[key] = self._unreadable[key]
                 log.failure("tenant {tenant} call {call}: stored state unreadable; "
-                            "quarantined", tenant=key[0], call=key[1])
+                            "quarantined", tenant=key[0], login=self._login(key[0]),
+                            call=key[1])
                 continue
             self.calls[key] = call
             self._schedule(call)
         self._broken = False
+
+    def _login(self, tenant_id: int) -> str | None:
+        """The tenant's PBX login, for log lines (None once the tenant is gone)."""
+        tenant = self.tenant(tenant_id)
+        return tenant.pbx.login if tenant is not None else None
 
     def stop(self) -> None:
         self._stopped = True
@@ -283,7 +289,7 @@ class Engine:
                                 if (ev.tenant, ev.call) == key])
             log.failure("tenant {tenant} call {call}: cannot be folded; quarantined with "
                         "its events (re-fold it from the admin API after a fix)",
-                        tenant=key[0], call=key[1])
+                        tenant=key[0], login=self._login(key[0]), call=key[1])
 
         def emit(call: Call, effects: list[Effect], tenant: Tenant | None) -> None:
             out = produced.setdefault((call.tenant, call.key), [])

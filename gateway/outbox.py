@@ -13,6 +13,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from gateway import logs
 from gateway.errors import Permanent, Retryable
 from gateway.model import (CLOSE_POPUP, DEAD, DONE, DROPPED, FAILED, PENDING, POPUP,
                            POPUP_UPDATE, Action, Attempt)
@@ -145,8 +146,11 @@ class Dispatcher:
 
     async def start(self) -> None:
         await self._restore_pauses()
+        pending = await self.store.pending_actions()
+        # Not before: the fold may hand over a call's newer actions while these load, and
+        # nothing may go ahead of its call's older ones (the check in _pump_once).
         self._running = True
-        self.add(await self.store.pending_actions())
+        self.add(pending)
 
     async def _restore_pauses(self) -> None:
         """The host pauses stored before a restart, still running and within the bound."""
@@ -293,6 +297,13 @@ class Dispatcher:
                 if action is None or action.state != PENDING:
                     heapq.heappop(heap)
                     continue
+                chain = self._chains.get((action.tenant, action.call))
+                if chain and chain[0] != action.id:
+                    # An older action of its call arrived after it was readied (the fold's
+                    # first actions and the restart's pending ones race at start): it goes
+                    # when that one is settled (_finish readies it again).
+                    heapq.heappop(heap)
+                    continue
                 if action.kind == POPUP and now - action.created > self.policy.popup_ttl:
                     heapq.heappop(heap)
                     self._settle(action, DROPPED, None, "", "older than the pop-up TTL")
@@ -345,7 +356,8 @@ class Dispatcher:
     def _send(self, action: Action) -> None:
         self._flying.add(action.id)
         ensureDeferred(self._attempt(action)).addErrback(
-            lambda f: log.failure("dispatch of action {id} failed", f, id=action.id))
+            lambda f: log.failure("dispatch of action {action} failed", f,
+                                  action=action.id))
 
     async def _attempt(self, action: Action) -> None:
         try:
@@ -363,9 +375,9 @@ class Dispatcher:
             # way at every try, for max_age, with the call's later actions waiting behind
             # it: failed for good now, logged once, re-drivable after a fix.
             reason = f"cannot perform: {type(e).__name__}: {e}"[:500]
-            log.failure("tenant {tenant} call {call}: {kind} #{id} failed permanently: "
-                        "{reason}", tenant=action.tenant, call=action.call, kind=action.kind,
-                        id=action.id, reason=reason)
+            log.failure("{about}: {kind} #{action} failed permanently: {reason}",
+                        **logs.about(action.tenant, None, action.call), kind=action.kind,
+                        action=action.id, reason=reason)
             self._settle(action, FAILED, None, reason, "")
         else:
             self._settle(action, DONE, status, request, answer)
@@ -436,7 +448,7 @@ class Dispatcher:
         def failed(f: Any) -> None:
             # The outcome stays in memory; the stored row keeps its previous state, so a
             # restart before a later write succeeds sends the action again.
-            log.failure("action {id}: outcome {outcome} not stored", f, id=action.id,
+            log.failure("action {action}: outcome {outcome} not stored", f, action=action.id,
                         outcome=attempt.outcome)
 
         self.store.record_attempt(action, attempt).addErrback(failed)

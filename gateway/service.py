@@ -12,7 +12,7 @@ from twisted.internet.defer import (Deferred, DeferredLock, ensureDeferred, mayb
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from gateway import crm, outbox, protocols, web
+from gateway import crm, logs, outbox, protocols, web
 from gateway.engine import Engine
 from gateway.errors import Permanent, Retryable
 from gateway.httpclient import HttpClient
@@ -170,10 +170,10 @@ class Gateway(MultiService):
         except (Retryable, Permanent) as e:
             outcome = RETRYABLE if isinstance(e, Retryable) else PERMANENT
             tenant = self.tenants.get(action.tenant)
-            log.warn("tenant {tenant} ({login}) call {call}: {kind} #{id} not delivered "
-                     "(try {attempt}): {error}", tenant=action.tenant,
-                     login=tenant.pbx.login if tenant else "?", call=action.call,
-                     kind=action.kind, id=action.id, attempt=action.attempts + 1,
+            log.warn("{about}: {kind} #{action} not delivered (try {attempt}): {error}",
+                     **logs.about(action.tenant, tenant.pbx.login if tenant else None,
+                                  action.call),
+                     kind=action.kind, action=action.id, attempt=action.attempts + 1,
                      error=str(e))
             raise
         finally:
@@ -202,7 +202,7 @@ class Gateway(MultiService):
                 log.warn("tenant {tenant} ({login}) call {call}: recording {recording} not "
                          "resolved ({error}); the record goes without a link",
                          tenant=tenant.id, login=tenant.pbx.login, call=action.call,
-                         recording=recording, error=str(e))
+                         action=action.id, recording=recording, error=str(e))
         summary, resp = await self.crms[tenant.crm.kind].perform(tenant, action, link)
         return summary + (f" link={link}" if link else ""), resp.status, resp.excerpt()
 

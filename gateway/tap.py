@@ -9,7 +9,7 @@ import sys
 
 from twisted.python import usage
 
-from gateway import outbox, seal, web
+from gateway import logs, outbox, seal, web
 from gateway.service import Gateway
 from gateway.store import open_store
 
@@ -56,6 +56,10 @@ class Options(usage.Options):
         ["max-connections-per-ip", None, web.MAX_PER_SOURCE,
          "Most connections one source address may hold on each site (503 for more); "
          "0: no cap (e.g. behind a reverse proxy).", int],
+        ["log-format", None, "text",
+         "Log lines as text or json (one object a line, the event's fields as fields)."],
+        ["log-level", None, "info",
+         "Least important level logged: debug, info, warn, error or critical."],
     ]
 
     def postOptions(self) -> None:
@@ -76,6 +80,22 @@ class Options(usage.Options):
             raise usage.UsageError("--request-deadline: at most 3600 seconds")
         if self["max-connections-per-ip"] < 0:
             raise usage.UsageError("--max-connections-per-ip must be 0 (no cap) or positive")
+        self._log_options()
+
+    def _log_options(self) -> None:
+        """Check --log-format and --log-level, and have twistd log through them (its own
+        --logger or --syslog, when given, wins)."""
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(f"--log-format: {' or '.join(logs.FORMATS)}")
+        if self["log-level"] not in logs.LEVELS:
+            raise usage.UsageError(f"--log-level: one of {', '.join(logs.LEVELS)}")
+        server = self.parent
+        if server is None or server.get("logger") or server.get("syslog"):
+            return
+        logs.configure(self["log-format"], self["log-level"], server.get("logfile") or "",
+                       bool(server.get("nodaemon")))
+        server["logger"] = "gateway.logs.observer_for_twistd"  # twistd resolves the name
+
 
 
 def admin_token(path: str) -> str:

@@ -277,3 +277,25 @@ def test_an_action_settled_before_it_is_added_is_not_sent() -> None:
     pop.state = DROPPED  # stored and dropped in the fold that created it
     d.add([pop])
     assert crm.sent == [] and d.depth == 0
+
+
+def test_at_a_restart_a_calls_stored_actions_go_before_its_newer_ones() -> None:
+    # The fold's first new actions may reach the dispatcher while it is still loading the
+    # pending ones from the store: a call's update must not overtake its stored pop-up.
+    pop = action(kind=POPUP, call="c1", leg="S1")
+    update = action(kind=POPUP_UPDATE, call="c1", leg="S1")
+    clock, crm, store = Clock(), CRM(), MemoryStore([pop])
+    loading: Deferred = Deferred()
+    store.pending_actions = lambda: loading  # type: ignore[method-assign]
+    d = Dispatcher(store, clock, crm.perform, lambda a: [("host", 1000.0, 1000)], Policy(),
+                   random.Random(7))
+    ensureDeferred(d.start())
+    d.add([update])  # from the fold, while the store is read
+    assert crm.sent == []
+    loading.callback([pop])
+    assert crm.sent == [pop.id]  # the update waits for its pop-up's answer
+    sent = []
+    while crm.calls:
+        sent.append(crm.calls[0][0].id)
+        crm.answer(0)
+    assert sent == [pop.id, update.id]

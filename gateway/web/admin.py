@@ -116,8 +116,9 @@ class AdminSite:
                                            else error.name.lower(), "field": "path"}, code)
         # A bug, not the caller's fault: logged with its traceback, answered as JSON (not
         # Klein's HTML page) without the details.
-        log.failure("admin API {method} {path} failed", failure, method=request.method,
-                    path=request.path)
+        log.failure("admin API {method} {path} failed", failure,
+                    method=request.method.decode("ascii", "backslashreplace"),
+                    path=request.path.decode("ascii", "backslashreplace"))
         return json_response(request, {"error": "internal error; see the gateway's log",
                                        "field": ""}, 500)
 

@@ -12,6 +12,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from gateway import logs
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.model import Inbound, Tenant
 from gateway.web import json_response, loggable_uri
@@ -165,8 +166,8 @@ class PublicSite:
         self.gateway.store.append(events).addCallbacks(
             self._stored, self._not_stored, callbackArgs=(request, events, now),
             errbackArgs=(request, tenant, login, call)).addErrback(
-            lambda f: log.failure("tenant {tenant} ({login}) call {call}: answering failed",
-                                  f, tenant=tenant.id, login=login, call=call))
+            lambda f: log.failure("{about}: answering failed", f,
+                                  **logs.about(tenant.id, login, call)))
         return NOT_DONE_YET
 
     def _stored(self, seqs: list[int | None], request: IRequest, events: list,
@@ -180,8 +181,7 @@ class PublicSite:
     def _not_stored(self, failure: Any, request: IRequest, tenant: Tenant, login: str,
                     call: str) -> None:
         # Not stored, so not "200": the PBX may try again.
-        log.failure("tenant {tenant} ({login}) call {call}: append failed", failure,
-                    tenant=tenant.id, login=login, call=call)
+        log.failure("{about}: append failed", failure, **logs.about(tenant.id, login, call))
         self.gateway.metrics.webhook(request.postpath[0], 503)
         _answer(request, 503, b"text/plain", b"store unavailable, not stored\n")
 
@@ -245,8 +245,8 @@ class PublicSite:
                                  error.status)
 
         def done(call: Any) -> None:
-            log.info("tenant {tenant} ({login}): {action} {employee} → {number}: call {call}",
-                     tenant=tenant.id, login=login, action=command.action,
+            log.info("tenant {tenant} ({login}): {command} {employee} → {number}: call {call}",
+                     tenant=tenant.id, login=login, command=command.action,
                      employee=command.employee, number=command.number, call=call)
             _json_answer(request, 200, {"ok": True, "call": call})
 
@@ -259,11 +259,11 @@ class PublicSite:
             elif isinstance(error, Retryable):
                 status, text = 502, f"the PBX did not take it, try again: {error}"
             else:
-                log.failure("tenant {tenant} ({login}): {action} failed", f,
-                            tenant=tenant.id, login=login, action=command.action)
+                log.failure("tenant {tenant} ({login}): {command} failed", f,
+                            tenant=tenant.id, login=login, command=command.action)
                 status, text = 500, "internal error (logged)"
-            log.info("tenant {tenant} ({login}): {action} refused: {status} {error}",
-                     tenant=tenant.id, login=login, action=command.action, status=status,
+            log.info("tenant {tenant} ({login}): {command} refused: {status} {error}",
+                     tenant=tenant.id, login=login, command=command.action, status=status,
                      error=text)
             _json_answer(request, status, {"error": text})
 
