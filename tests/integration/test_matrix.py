@@ -4,11 +4,12 @@ adds its driver there, and its row or column here, without new test code."""
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import pytest
 
-from tests.integration.harness import Processes, burst, wait_for
+from tests.integration.harness import TENANT_ID, Processes, burst, wait_for
 from tests.integration.matrix import CRMS, PBXS, Pair
 
 
@@ -62,8 +63,13 @@ def test_kill_during_a_burst_each_acknowledged_call_once(procs: Processes, pbx: 
     wait_for(lambda: {("answered", c[1:], callers[c]) for c in done}
              <= set(pair.crm.records()), 60, f"every acknowledged call in {crm}")
     health = pair.settled(60)
-    assert not {"failed", "dead"} & set(health["actions"]), (
-        health, pair.gateway.admin("GET", "/api/v1/actions?state=failed")[1])
+    assert not {"failed", "dead"} & set(health["actions"]), "\n".join(
+        [f"{a['kind']} {a['leg']} {a['last_error']} {a['payload']}" for a in
+         pair.gateway.admin("GET", "/api/v1/actions?state=failed")[1]]
+        + [str(pair.crm.fake.state().get("violations"))]
+        + [json.dumps(c) for c in pair.gateway.admin(
+            "GET", f"/api/v1/tenants/{TENANT_ID}/calls?limit=100")[1]
+           if any(a["state"] == "failed" for a in c.get("actions", []))])
     records = pair.crm.records()
     twice = [r for r in set(records) if records.count(r) > 1]
     assert not twice, f"recorded more than once: {twice}"
