@@ -16,6 +16,8 @@ from gateway.store import open_store
 # Webhook bodies are a few hundred bytes; a body is held in memory while it arrives.
 MAX_MAX_BODY = 16 * 1024 * 1024
 
+from gateway.crm import gateway_options as _crm_options  # noqa: E402
+
 
 class Options(usage.Options):
     """Options for ``twistd gateway``."""
@@ -60,7 +62,7 @@ class Options(usage.Options):
          "Log lines as text or json (one object a line, the event's fields as fields)."],
         ["log-level", None, "info",
          "Least important level logged: debug, info, warn, error or critical."],
-    ]
+    ] + _crm_options()  # a CRM module's gateway-wide settings (ICrm.gateway_options)
 
     def postOptions(self) -> None:
         url = self["public-url"]
@@ -145,7 +147,7 @@ def makeService(options: Options) -> Gateway:
     from twisted.internet import reactor
 
     tune_gc()
-    return Gateway(
+    gateway = Gateway(
         store=open_store(options["database"], reactor, sealer=secret_key(options)),
         reactor=reactor,
         listen=options["listen"],
@@ -159,3 +161,11 @@ def makeService(options: Options) -> Gateway:
         max_connections_per_ip=options["max-connections-per-ip"],
         public_url=options["public-url"],
     )
+    for module in gateway.crms.values():
+        configure = getattr(module, "configure", None)
+        if configure is not None:
+            try:
+                configure(options)
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+    return gateway

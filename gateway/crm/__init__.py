@@ -88,6 +88,21 @@ class ICrm(Interface):
         """A CRM's request to its inbound route ``/crm/{tenant}/{action}/{login}``,
         authenticated and parsed; ``BadRequest`` otherwise."""
 
+    # Optional (a module without them has none): pages of its own on the public site, and
+    # gateway-wide settings (say a marketplace application's id and token).
+    #
+    # site_prefix: first path segment of the module's own public pages (``/{prefix}/…``).
+    # site(gateway): the twisted.web resource answering them (leaf; ``request.postpath``
+    #     is the whole path).
+    # gateway_options: twistd ``optParameters`` rows the gateway's options add.
+    # configure(options): those options' values (a mapping by option name), at start;
+    #     ``ValueError`` saying which is wrong.
+
+
+def gateway_options() -> list:
+    """The twistd options every CRM module adds (``gateway_options``)."""
+    return [row for kind in KINDS for row in getattr(crm_type(kind), "gateway_options", [])]
+
 
 # The one switch that lets a CRM's address be a loopback one (a fake CRM in the tests); never
 # set it in production.

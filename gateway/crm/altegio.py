@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
 from gateway.crm import Command, CrmConfig, ICrm, plain_command, plain_guide
-from gateway.errors import BadRequest, Permanent
+from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import HttpClient, Response, raise_for
 from gateway.model import (POPUP, RECORD, SETUP, Action, Inbound, Tenant, digits, e164,
                            field_only, field_text, field_url)
@@ -144,8 +144,64 @@ class Altegio:
     credential_fields = ("api_url", "partner_token")
     has_responsible = False
 
+    # The Marketplace (altegio.md §4): the owner's registration page and the lifecycle
+    # webhook, served under /altegio/ (gateway.crm.ICrm.site_prefix).
+    site_prefix = "altegio"
+    gateway_options = [
+        ["altegio-partner-token-file", None, "",
+         "File holding the partner token of the gateway's Altegio Marketplace application "
+         "(the registration page and the lifecycle webhook are off without it)."],
+        ["altegio-application-id", None, "",
+         "The id of the gateway's Altegio Marketplace application."],
+        ["altegio-api-url", None, "https://api.alteg.io",
+         "Altegio's API URL, the crm.api_url of tenants the Marketplace registers."],
+        ["altegio-marketplace-url", None, "https://app.alteg.io",
+         "Where the Marketplace callbacks go (POST /marketplace/partner/callback)."],
+        ["altegio-frame-ancestors", None, "https://alteg.io https://*.alteg.io",
+         "Origins allowed to frame the registration page (CSP frame-ancestors)."],
+    ]
+
     def __init__(self, http: HttpClient, clock: Any = None, store: Any = None) -> None:
         self.http = http
+        from gateway.crm.altegio_marketplace import Settings
+        self.settings = Settings()
+        self.marketplace: Any = None
+
+    def configure(self, options: Any) -> None:
+        """The gateway's Marketplace settings from its twistd options (``gateway_options``);
+        ``ValueError`` saying which is wrong."""
+        from gateway.crm.altegio_marketplace import Settings
+        token = ""
+        path = options.get("altegio-partner-token-file") or ""
+        if path:
+            try:
+                with open(path) as f:
+                    token = f.read().strip()
+            except OSError as e:
+                raise ValueError(f"--altegio-partner-token-file: {e}") from None
+            if not token:
+                raise ValueError(f"--altegio-partner-token-file: {path} is empty")
+        app = str(options.get("altegio-application-id") or "").strip()
+        if app and not (app.isascii() and app.isdigit()):
+            raise ValueError("--altegio-application-id: a positive integer")
+        if bool(token) != bool(app):
+            raise ValueError("--altegio-partner-token-file and --altegio-application-id go "
+                             "together")
+        defaults = Settings()
+        self.settings = Settings(
+            partner_token=token, application_id=int(app or 0),
+            api_url=(options.get("altegio-api-url") or defaults.api_url).rstrip("/"),
+            marketplace_url=(options.get("altegio-marketplace-url")
+                             or defaults.marketplace_url).rstrip("/"),
+            frame_ancestors=options.get("altegio-frame-ancestors")
+            or defaults.frame_ancestors)
+
+    def site(self, gateway: Any) -> Any:
+        """The twisted.web resource of ``/altegio/…`` (the Marketplace)."""
+        from gateway.crm.altegio_marketplace import Marketplace
+        if self.marketplace is None or self.marketplace.gw is not gateway:
+            self.marketplace = Marketplace(self, gateway)
+        return self.marketplace.resource()
 
     @staticmethod
     def parse_config(section: dict[str, Any]) -> AltegioConfig:
@@ -181,7 +237,14 @@ class Altegio:
         return limits(tenant)
 
     def perform(self, tenant: Tenant, action: Action, link: str | None) -> Deferred:
+        if action.kind == SETUP and action.payload.get("type") in ("activate", "lifecycle"):
+            return ensureDeferred(self._marketplace(tenant, action))
         return ensureDeferred(perform(self.http, tenant, action, link))
+
+    async def _marketplace(self, tenant: Tenant, action: Action) -> tuple[str, Response]:
+        if self.marketplace is None:
+            raise Retryable("the Marketplace is not started (no public site yet)")
+        return await self.marketplace.perform(tenant, action)
 
     def responsible(self, tenant: Tenant, number: str) -> Deferred:
         raise NotImplementedError("Altegio has no responsible-manager lookup")

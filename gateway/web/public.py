@@ -71,6 +71,11 @@ class _Root(Resource):
                          for prefix in site.gateway.pbx_prefixes()}
         self.handlers[b"cid"] = site.interactive
         self.handlers[b"crm"] = site.crm_request
+        # CRM modules' own pages (gateway.crm.ICrm.site_prefix), e.g. a marketplace's.
+        for module in site.gateway.crms.values():
+            prefix = getattr(module, "site_prefix", None)
+            if prefix and prefix.encode() not in self.handlers:
+                self.handlers[prefix.encode()] = module.site(site.gateway).render
 
     def render(self, request: IRequest) -> Any:
         handler = self.handlers.get(request.postpath[0] if request.postpath else b"")

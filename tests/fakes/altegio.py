@@ -200,6 +200,14 @@ class FakeAltegio:
     enabled: set[str] = field(factory=set, init=False)
     rejected_rate_limited: int = field(default=0, init=False)
     _windows: dict[str, deque[float]] = field(factory=dict, init=False, repr=False)
+    # The Marketplace (altegio.md §4): the partner's application, each location's link
+    # (pending / active / freezed / uninstalled), the activation callbacks received (with
+    # their answer) and answers to force on the next callbacks (say [503] or [422]).
+    application_id: int = 912
+    installs: dict[int, str] = field(factory=dict, init=False)
+    callbacks: list[dict[str, Any]] = field(factory=list, init=False)
+    status_requests: list[int] = field(factory=list, init=False)
+    callback_answers: list[int] = field(factory=list, init=False)
 
     app = Klein()
 
@@ -221,6 +229,10 @@ class FakeAltegio:
         self.enabled.clear()
         self._windows.clear()
         self.rejected_rate_limited = 0
+        self.installs.clear()
+        self.callbacks.clear()
+        self.status_requests.clear()
+        self.callback_answers.clear()
         self.faults.clear()
         self.faults.requests_seen = 0
 
@@ -231,11 +243,13 @@ class FakeAltegio:
             "enabled": sorted(self.enabled),
             "rejected_rate_limited": self.rejected_rate_limited,
             "rate_limit": self.rate_limit,
+            "installs": {str(k): v for k, v in self.installs.items()},
+            "callbacks": self.callbacks,
         }
 
     def setup(self, config: Mapping[str, object]) -> None:
         """Set `rate_limit` (a positive number or null) and/or `enable` a list of crm_tokens."""
-        unknown = sorted(set(config) - {"rate_limit", "enable"})
+        unknown = sorted(set(config) - {"rate_limit", "enable", "grant", "callback_answers"})
         if unknown:
             raise ValueError(f"unknown setup keys: {', '.join(unknown)}")
         rate_limit = config.get("rate_limit", self.rate_limit)
@@ -248,8 +262,20 @@ class FakeAltegio:
         tokens = config.get("enable", [])
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise ValueError("enable must be a list of crm_token strings")
+        grant = config.get("grant", [])
+        answers = config.get("callback_answers", [])
+        if not isinstance(grant, list) or not all(
+            isinstance(g, int) and not isinstance(g, bool) for g in grant
+        ):
+            raise ValueError("grant must be a list of location ids")
+        if not isinstance(answers, list) or not all(
+            isinstance(a, int) and not isinstance(a, bool) for a in answers
+        ):
+            raise ValueError("callback_answers must be a list of HTTP statuses")
         self.rate_limit = rate_limit  # type: ignore[assignment]
         self.enabled.update(tokens)
+        self.grant(*grant)
+        self.callback_answers.extend(answers)
 
     def _processed(self, command: str) -> list[dict[str, Any]]:
         return [
@@ -328,6 +354,115 @@ class FakeAltegio:
         return json_response(
             request, 202, {"success": True, "data": None, "meta": {"message": "Accepted"}}
         )
+
+    # The Marketplace
+
+    def grant(self, *salons: int) -> None:
+        """The owner pressed Connect and granted access: the locations' links are pending."""
+        for salon in salons:
+            self.installs[salon] = "pending"
+
+    def lifecycle(self, salon: int, event: str, partner_token: str | None = None,
+                  **extra: object) -> dict[str, object]:
+        """The lifecycle webhook body Altegio sends the app's callback URL (§4.3), with the
+        link's state changed as Altegio's own would be."""
+        if event == "uninstall":
+            self.installs[salon] = "uninstalled"
+        elif event == "freeze":
+            self.installs[salon] = "freezed"
+        elif event == "payment" and self.installs.get(salon) == "freezed":
+            self.installs[salon] = "active"
+        return {"salon_id": salon, "application_id": self.application_id, "event": event,
+                "partner_token": self.partner_token if partner_token is None
+                else partner_token, **extra}
+
+    async def send_lifecycle(self, url: str, salon: int, event: str,
+                             partner_token: str | None = None, **extra: object) -> int:
+        """POST a lifecycle webhook to ``url``; the gateway's HTTP status."""
+        import treq
+
+        resp = await treq.post(url, json=self.lifecycle(salon, event, partner_token, **extra))
+        await resp.content()
+        return resp.code
+
+    def _marketplace_auth(self, request: IRequest) -> None:
+        token, others = _bearer_parts(request)
+        if token != self.partner_token or others:
+            raise Rejection(401, "Authentication needed.")
+
+    @app.route("/marketplace/partner/callback", methods=["POST"])
+    async def partner_callback(self, request: IRequest) -> bytes:
+        fault = await self._prologue(request)
+        if fault is not None:
+            return fault
+        self._marketplace_auth(request)
+        try:
+            body = read_json_object(request)
+        except ValueError as e:
+            raise _invalid([{"field": "body", "message": str(e)}]) from None
+        entry: dict[str, Any] = {"at": self.clock.seconds(), "body": body}
+        self.callbacks.append(entry)
+        if self.callback_answers:
+            entry["status"] = status = self.callback_answers.pop(0)
+            if status == 201:
+                self.installs[body.get("salon_id")] = "active"  # type: ignore[index]
+                request.setResponseCode(201)
+                return b""
+            if status == 400:
+                raise Rejection(400, "Агрегатор не найден")
+            if status == 422:
+                raise _invalid([{"field": "salon_id", "message": "forced"}])
+            return json_response(request, status, failure_envelope(http_reason(status)))
+        errors = []
+        salon = body.get("salon_id")
+        if not isinstance(salon, int) or isinstance(salon, bool):
+            errors.append({"field": "salon_id", "message": "must be a number"})
+        app_id = body.get("application_id")
+        if not isinstance(app_id, int) or isinstance(app_id, bool):
+            errors.append({"field": "application_id", "message": "must be a number"})
+        if "api_key" in body and not isinstance(body["api_key"], str):
+            errors.append({"field": "api_key", "message": "must be a string"})
+        urls = body.get("webhook_urls", [])
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            errors.append({"field": "webhook_urls", "message": "must be a list of URLs"})
+        if errors:
+            entry["status"] = 422
+            raise _invalid(errors)
+        # Not pending (never granted, already active, frozen, uninstalled) or not this
+        # partner's application: "aggregator not found" (§4.2).
+        if app_id != self.application_id or self.installs.get(salon) != "pending":
+            entry["status"] = 400
+            raise Rejection(400, "Агрегатор не найден")
+        self.installs[salon] = "active"
+        entry["status"] = 201
+        request.setResponseCode(201)
+        return b""
+
+    @app.route("/marketplace/salon/<int:salon>/application/<int:app_id>", methods=["GET"])
+    async def install_status(self, request: IRequest, salon: int, app_id: int) -> bytes:
+        fault = await self._prologue(request)
+        if fault is not None:
+            return fault
+        self._marketplace_auth(request)
+        self.status_requests.append(salon)
+        status = self.installs.get(salon)
+        if app_id != self.application_id or status in (None, "uninstalled"):
+            return json_response(request, 404, failure_envelope())
+        return json_response(request, 200, {"success": True, "data": {
+            "connection_status": {"status": status, "created_at": "2026-01-01 00:00:00"},
+            "payments": [], "logs": []}, "meta": []})
+
+    @app.route("/marketplace/salon/<int:salon>/application/<int:app_id>/uninstall",
+               methods=["POST"])
+    async def partner_uninstall(self, request: IRequest, salon: int, app_id: int) -> bytes:
+        fault = await self._prologue(request)
+        if fault is not None:
+            return fault
+        self._marketplace_auth(request)
+        if app_id != self.application_id:
+            raise Rejection(400, "Агрегатор не найден")
+        self.installs[salon] = "uninstalled"  # idempotent
+        return json_response(request, 200, {"success": True, "data": None, "meta": []})
 
     @app.route("/api/v1/voip/integration/calls", methods=["GET"])
     async def calls(self, request: IRequest) -> bytes:
