@@ -135,9 +135,11 @@ def default_key_file(admin_token_file: str) -> str:
 async def rotate(reactor: Any, database: str, path: str, new_path: str = "") -> None:
     """Re-seal every secret in ``database`` with a new key, then put it in ``path``.
 
-    The new key is written first to ``new_path`` (default ``path + ".new"``; kept if it
-    exists, so a rotation cut short can be run again): should the process die between the
-    commit and the rename, the database opens with that file."""
+    The new key is written first to ``new_path`` (default ``path + ".new"``; used as it is
+    when it exists, so a rotation that died before its commit can be run again); should
+    the process die between the commit and the rename, the database opens with that file:
+    move it over ``path``.  Run it with the gateway stopped: a running gateway would go on
+    sealing with the old key."""
     from gateway.store import open_store
 
     if not os.path.exists(path):
