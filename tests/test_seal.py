@@ -6,6 +6,7 @@ start with a key; and a running gateway's files hold none of its secrets in clea
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -58,6 +59,21 @@ def in_clear(path: str) -> list[tuple[str, str]]:
     """(file suffix, secret) of every secret found in clear in the database files."""
     return [(suffix or "db", secret) for suffix, data in database_files(path).items()
             for secret in SECRETS if secret.encode() in data]
+
+
+def sealed_tokens(path: str) -> list[str]:
+    """Every Fernet token stored in the SQLite file."""
+    db = sqlite3.connect(path)
+    try:
+        found = []
+        for table in ("tenants", "credentials", "tokens"):
+            for (data,) in db.execute(f"SELECT data FROM {table}"):
+                found += re.findall(r'"\$sealed":"([^"]+)"', data)
+        found += re.findall(r'"\$sealed":"([^"]+)"',
+                            db.execute("SELECT probe FROM seal").fetchone()[0])
+        return found
+    finally:
+        db.close()
 
 
 async def fill(store: Any) -> int:
@@ -200,6 +216,9 @@ async def test_rotating_with_the_command_replaces_the_key_file(store_backend: An
     store = await store_backend.open(old)
     cid = await fill(store)
     await store_backend.close(store)
+    path = store_backend.url[len("sqlite:"):]
+    old_sealed = sealed_tokens(path)
+    assert len(old_sealed) == 10  # the tenants' 4 + 3 secrets, a credential, a token, the probe
     done = subprocess.run([sys.executable, "-m", "gateway.seal", "rotate", "--database",
                            store_backend.url, "--secret-key-file", str(keyfile)],
                           capture_output=True, text=True, timeout=120)
@@ -207,6 +226,8 @@ async def test_rotating_with_the_command_replaces_the_key_file(store_backend: An
     assert not (tmp_path / "secret-key.new").exists()
     assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
     assert keyfile.read_bytes() != old_text
+    assert not [t for t in old_sealed for data in database_files(path).values()
+                if t.encode() in data], "what the old key opens is gone from the files"
     new = key_file(str(keyfile))
     with pytest.raises(SealError, match="another key"):
         await store_backend.open(old)

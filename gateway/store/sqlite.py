@@ -122,9 +122,6 @@ class SQLiteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=5000")
-            # A replaced secret (a tenant's, a refreshed token) is zeroed, not left in a
-            # free page.
-            db.execute("PRAGMA secure_delete=ON")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 db.execute("BEGIN")
@@ -161,12 +158,13 @@ class SQLiteStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        # The clear secrets' old pages are still in the WAL: copy it back and empty it.
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._scrubbed(db)
 
     def _reseal_rows(self, db: sqlite3.Connection, old: Sealer | None, new: Sealer) -> None:
         """Open every stored secret with ``old`` and seal it with ``new`` (or seal the clear
-        ones, ``old`` None), and store the probe of ``new``."""
+        ones, ``old`` None), and store the probe of ``new``.  What they replace is zeroed
+        (secure_delete, until ``_scrubbed``): clear secrets, or ones the old key opens."""
+        db.execute("PRAGMA secure_delete=ON")
         for id_, data in db.execute("SELECT id, data FROM tenants").fetchall():
             opened = open_all(json.loads(data), old)
             db.execute("UPDATE tenants SET data = ? WHERE id = ?",
@@ -179,6 +177,14 @@ class SQLiteStore:
                        (_dumps(new.seal(open_all(json.loads(data), old))), key))
         db.execute("INSERT OR REPLACE INTO seal (id, probe) VALUES (1, ?)",
                    (_dumps(new.seal("probe")),))
+
+    @staticmethod
+    def _scrubbed(db: sqlite3.Connection) -> None:
+        """After ``_reseal_rows`` committed: the replaced values' old pages are still in
+        the WAL, so copy it back and empty it.  Then deletes stop zeroing (costly, and every
+        secret written from now on is sealed)."""
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("PRAGMA secure_delete=OFF")
 
     @staticmethod
     def _sealed_tenant(data: dict[str, Any], sealer: Sealer | None) -> dict[str, Any]:
@@ -200,9 +206,9 @@ class SQLiteStore:
                 raise SealError("re-sealing needs the key the secrets are sealed with")
             self._reseal_rows(db, self._sealer, new)
 
-        def checkpoint() -> None:  # the old key's tokens out of the WAL too
+        def checkpoint() -> None:
             assert self._db is not None
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._scrubbed(self._db)
 
         def done(_: None) -> Deferred:
             self._sealer = new
