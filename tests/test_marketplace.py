@@ -187,7 +187,7 @@ async def test_redirect_form_then_both_locations_activated_and_telephony_enabled
     assert "name='pbx.telphin.client_secret' type=password" in page.text
     csp = page.header("Content-Security-Policy")
     assert "frame-ancestors https://alteg.io https://*.alteg.io" in csp
-    assert page.header("Referrer-Policy") == "no-referrer"
+    assert page.header("Referrer-Policy") == "same-origin"
     done = await mp.submit(page.registration)
     assert done.status == 200, done.text
     assert "Salon &lt;b&gt;Chain&lt;/b&gt;" not in done.text  # not echoed at all here

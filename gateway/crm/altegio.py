@@ -134,6 +134,17 @@ class AltegioConfig(CrmConfig):
     crm_token: str = attrs.field(default="", repr=False)
 
 
+def _window(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise ValueError("--altegio-activation-window: seconds, more than 0 and at most "
+                         "3600")
+    return seconds
+
+
 @implementer(ICrm)
 class Altegio:
     kind = "altegio"
@@ -159,6 +170,9 @@ class Altegio:
          "Where the Marketplace callbacks go (POST /marketplace/partner/callback)."],
         ["altegio-frame-ancestors", None, "https://alteg.io https://*.alteg.io",
          "Origins allowed to frame the registration page (CSP frame-ancestors)."],
+        ["altegio-activation-window", None, "3600",
+         "Seconds after the owner's Connect within which the activation may go out "
+         "(Altegio's contract: one hour; shorter only for tests)."],
     ]
 
     def __init__(self, http: HttpClient, clock: Any = None, store: Any = None) -> None:
@@ -194,7 +208,8 @@ class Altegio:
             marketplace_url=(options.get("altegio-marketplace-url")
                              or defaults.marketplace_url).rstrip("/"),
             frame_ancestors=options.get("altegio-frame-ancestors")
-            or defaults.frame_ancestors)
+            or defaults.frame_ancestors,
+            window=_window(options.get("altegio-activation-window") or defaults.window))
 
     def site(self, gateway: Any) -> Any:
         """The twisted.web resource of ``/altegio/…`` (the Marketplace)."""
