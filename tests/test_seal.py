@@ -34,6 +34,7 @@ MP_PASSWORD = "megaplan-password-41c7e9"
 ACCESS = "megaplan-access-token-8d2f0a6b"
 REFRESH = "megaplan-refresh-token-3e9c51f7"
 CRED_PASSWORD = "named-credential-password-77a1"
+EXPIRED = "megaplan-access-token-expired-0c4d"
 TOKEN_KEY = "megaplan:acme.megaplan.ru:robot"
 
 TELPHIN_ALTEGIO = tenant_body()
@@ -46,7 +47,7 @@ CREDENTIAL = {"kind": "megaplan", "name": "Main office",
               "fields": {"domain": "acme.megaplan.ru", "login": "robot",
                          "password": CRED_PASSWORD}}
 SECRETS = (KEY, PBX_SECRET, PARTNER, CRM_TOKEN, MEGAPLAN["key"], PBX_SECRET + "-2",
-           MP_PASSWORD, ACCESS, REFRESH, CRED_PASSWORD)
+           MP_PASSWORD, ACCESS, REFRESH, CRED_PASSWORD, EXPIRED)
 
 
 def database_files(path: str) -> dict[str, bytes]:
@@ -175,9 +176,16 @@ async def test_secrets_stored_in_clear_are_sealed_by_the_first_start_with_a_key(
 async def test_a_clear_text_sqlite_file_holds_no_secret_once_sealed(store_backend: Any) -> None:
     path = store_backend.url[len("sqlite:"):]
     clear = await store_backend.open(None)
+    # Tokens it deleted stay in free pages where SQLite is built without SECURE_DELETE
+    # (Debian's has it on).
+    await clear._run(lambda: clear._db.execute("PRAGMA secure_delete=OFF"))
+    for n in range(100):
+        await clear.put_token(f"gone{n}", {"access_token": EXPIRED, "scope": "x" * 500})
+    for n in range(100):
+        await clear.delete_token(f"gone{n}")
     await fill(clear)
     await store_backend.close(clear)
-    assert in_clear(path), "the older gateway's file has them in clear"
+    assert ("db", EXPIRED) in in_clear(path), "the older gateway's file has them in clear"
     store = await store_backend.open()
     assert in_clear(path) == []
     await store.put_token(TOKEN_KEY, {"access_token": ACCESS + "-refreshed"})

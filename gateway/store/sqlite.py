@@ -151,6 +151,8 @@ class SQLiteStore:
             return
         if self._sealer is None:
             return
+        clear = any(db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+                    for table in ("tenants", "credentials", "tokens"))
         db.execute("BEGIN IMMEDIATE")
         try:
             self._reseal_rows(db, None, self._sealer)
@@ -158,13 +160,12 @@ class SQLiteStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        self._scrubbed(db)
+        if clear:
+            self._scrubbed(db)
 
     def _reseal_rows(self, db: sqlite3.Connection, old: Sealer | None, new: Sealer) -> None:
         """Open every stored secret with ``old`` and seal it with ``new`` (or seal the clear
-        ones, ``old`` None), and store the probe of ``new``.  What they replace is zeroed
-        (secure_delete, until ``_scrubbed``): clear secrets, or ones the old key opens."""
-        db.execute("PRAGMA secure_delete=ON")
+        ones, ``old`` None), and store the probe of ``new``."""
         for id_, data in db.execute("SELECT id, data FROM tenants").fetchall():
             opened = open_all(json.loads(data), old)
             db.execute("UPDATE tenants SET data = ? WHERE id = ?",
@@ -180,11 +181,13 @@ class SQLiteStore:
 
     @staticmethod
     def _scrubbed(db: sqlite3.Connection) -> None:
-        """After ``_reseal_rows`` committed: the replaced values' old pages are still in
-        the WAL, so copy it back and empty it.  Then deletes stop zeroing (costly, and every
-        secret written from now on is sealed)."""
+        """After ``_reseal_rows`` committed: what it replaced (clear secrets, or ones the
+        old key opens) is still in free pages, with every older value an older gateway
+        replaced or deleted (refreshed tokens), and in the WAL.  VACUUM rewrites the file
+        without them; the WAL is then copied back and emptied.  Once, not on every write:
+        from then on every secret written is sealed."""
+        db.execute("VACUUM")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        db.execute("PRAGMA secure_delete=OFF")
 
     @staticmethod
     def _sealed_tenant(data: dict[str, Any], sealer: Sealer | None) -> dict[str, Any]:
