@@ -72,9 +72,12 @@ class Page:
 
 
 class Harness:
-    def __init__(self, tmp_path: Any) -> None:
+    def __init__(self, tmp_path: Any, fake_port: Any = None) -> None:
         self.tmp = tmp_path
-        self.fake = FakeAltegio(partner_token=PARTNER, rate_limit=None, application_id=APP)
+        self.fake_port = fake_port
+        self.fake = (fake_port.factory.resource._app_instance if fake_port
+                     else FakeAltegio(partner_token=PARTNER, rate_limit=None,
+                                      application_id=APP))
         self.store = SQLiteStore(str(tmp_path / "g.sqlite"), reactor)
         self.gw = Gateway(self.store, reactor, public_url="https://gw.test",
                           dispatch=outbox.Policy(backoff_base=0.05, backoff_cap=0.1))
@@ -82,7 +85,10 @@ class Harness:
         self.client = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
 
     async def start(self) -> None:
-        self.fake_port = reactor.listenTCP(0, Site(self.fake.resource()), interface="127.0.0.1")
+        if self.fake_port is None:
+            site = Site(self.fake.resource())
+            site.resource._app_instance = self.fake  # found again by a restarted gateway
+            self.fake_port = reactor.listenTCP(0, site, interface="127.0.0.1")
         fake_url = f"http://127.0.0.1:{self.fake_port.getHost().port}"
         token_file = self.tmp / "partner-token"
         token_file.write_text(PARTNER + "\n")
@@ -94,9 +100,10 @@ class Harness:
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
 
-    async def stop(self) -> None:
+    async def stop(self, keep_fake: bool = False) -> None:
         await self.port.stopListening()
-        await self.fake_port.stopListening()
+        if not keep_fake:
+            await self.fake_port.stopListening()
         await self.pool.closeCachedConnections()
         await self.gw._stop()
 
@@ -253,6 +260,30 @@ async def test_an_activation_refused_with_a_5xx_is_retried(mp: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_activation_still_refused_at_a_restart_goes_out_after_it(
+        tmp_path: Any) -> None:
+    first = Harness(tmp_path)
+    await first.start()
+    try:
+        first.fake.callback_answers.extend([503] * 10_000)
+        page = await first.redirect(4564)
+        await first.submit(page.registration)
+        await first.until(lambda: len(first.fake.callbacks) >= 2)
+    finally:
+        await first.stop(keep_fake=True)
+    first.fake.callback_answers.clear()
+    second = Harness(tmp_path, first.fake_port)
+    await second.start()
+    try:
+        await second.until(lambda: second.activated() == [4564]
+                           and second.setups() == ["enable"])
+        status = await second.status(page.registration)
+        assert "data-state='done'" in status.text
+    finally:
+        await second.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_activation_is_shown_on_the_page_and_in_the_outbox(
         mp: Harness) -> None:
     mp.fake.callback_answers.append(422)
@@ -371,6 +402,9 @@ async def test_a_forged_webhook_is_refused_and_changes_nothing(mp: Harness) -> N
     resp = await mp.request("POST", "/altegio/webhook", b'{"salon_id": 4564, '
                             b'"event": "uninstall", "application_id": 912}')
     assert resp.status == 403
+    entity = await mp.request("POST", "/altegio/webhook", b'{"company_id": 4564, '
+                              b'"resource": "record", "resource_id": 1, "status": "create"}')
+    assert entity.status == 202, "an entity webhook is taken and dropped"
     assert len(await mp.store.actions(None, None, 100)) == before
     assert mp.tenant().enabled
 

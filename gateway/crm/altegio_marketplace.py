@@ -233,6 +233,10 @@ class Marketplace:
             return 400, {"error": "not JSON"}
         if not isinstance(data, dict):
             return 400, {"error": "must be a JSON object"}
+        if "event" not in data and "resource" in data:
+            # An entity webhook (§4.6) to the webhook_urls given at activation: not needed
+            # for telephony, taken and dropped (Altegio never retries them).
+            return 202, {"ok": True, "ignored": "entity webhook"}
         token = data.get("partner_token")
         mine = self.settings.partner_token
         if not mine or not isinstance(token, str) or not hmac.compare_digest(
