@@ -85,9 +85,12 @@ class _Parent(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _parent(url: str) -> tuple[http.server.HTTPServer, int]:
-    handler = type("Parent", (_Parent,), {"frame_url": url})
-    server = http.server.HTTPServer((HOST, 0), handler)
+def _parent(url: str) -> tuple[http.server.ThreadingHTTPServer, int]:
+    # Threads, and a read timeout: Chromium's speculative connections, left open without
+    # a request, would hold a one-connection server (and its shutdown) for a minute.
+    handler = type("Parent", (_Parent,), {"frame_url": url, "timeout": 5})
+    server = http.server.ThreadingHTTPServer((HOST, 0), handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
 
@@ -245,6 +248,8 @@ def test_the_page_works_framed_by_the_allowed_origin_only(procs: Processes, tmp_
         inner = [f for f in blocked.frames if f != blocked.main_frame]
         assert inner and not inner[0].query_selector("#locations"), \
             "another origin must not frame the page"
+        # refused by the browser (CSP frame-ancestors), not merely slow to load
+        assert inner[0].url.startswith("chrome-error://"), inner[0].url
         _shot(blocked, "iframe-refused")
     finally:
         allowed.shutdown()
