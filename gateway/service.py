@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -87,6 +88,10 @@ class Gateway(MultiService):
         def failed(f: Any) -> None:
             log.failure("gateway failed to start", f)
             if self.reactor.running:
+                # twistd exits 0 after a reactor.stop(): a supervisor (systemd, a container
+                # runtime) must see the failure, so the process ends with 1 once the
+                # reactor has shut down (and the log is flushed).
+                self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
                 self.reactor.stop()
 
         d.addErrback(failed)
