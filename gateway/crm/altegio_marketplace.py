@@ -52,7 +52,7 @@ EVENTS = ("uninstall", "freeze", "payment", "active")
 MAX_LOCATIONS = 200
 REG, CHAIN, SALON = "altegio-mp:reg:", "altegio-mp:chain:", "altegio-mp:salon:"
 # What the owner sees as "connect again": the Marketplace (the app card's own address is not
-# documented; the operator may set --altegio-marketplace-page).
+# documented) [I].
 MARKETPLACE_PAGE = "https://alteg.io/en/marketplace/"
 # The PBX config fields the form never asks for: lists, maps and ids an operator sets.
 _NOT_ASKED = {"kind", "login", "queues", "ivrs", "credential"}
