@@ -99,7 +99,6 @@ class Options(usage.Options):
         server["logger"] = "gateway.logs.observer_for_twistd"  # twistd resolves the name
 
 
-
 def admin_token(path: str) -> str:
     """Read the admin token, creating the file (mode 0600) on first run."""
     if os.path.exists(path):
