@@ -147,6 +147,14 @@ class Gateway(MultiService):
         except Exception:
             log.failure("pruning old rows failed; will try again")
             return
+        for crm in self.crms.values():
+            # State a CRM module keeps for a while only (say a registration page's visits,
+            # which anyone can start): prefix → seconds.
+            for prefix, keep in getattr(crm, "transient_tokens", {}).items():
+                try:
+                    counts[prefix] = await self.store.prune_tokens(prefix, now - keep)
+                except Exception:
+                    log.failure("pruning {prefix} rows failed; will try again", prefix=prefix)
         if any(counts.values()):
             log.info("pruned old rows: {counts}", counts=counts)
 

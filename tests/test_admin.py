@@ -793,3 +793,20 @@ async def test_concurrent_creates_of_one_id_give_one_201(gateway: Harness) -> No
          for i in range(3)], fireOnOneErrback=True, consumeErrors=True)
     assert sorted(r.status for _, r in results) == [201, 409, 409]
     await gateway.delivered(1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hourly_pruning_forgets_a_crm_modules_transient_state(
+        gateway: Harness, monkeypatch: Any) -> None:
+    from gateway.crm.altegio import Altegio
+    monkeypatch.setattr(Altegio, "transient_tokens", {"altegio-mp:reg:": -60.0})
+    await gateway.store.put_token("altegio-mp:reg:abc", {"visit": 1})
+    await gateway.store.put_token("altegio-mp:chain:1", {"chain": 1})
+    await gateway.gw._prune()
+    assert await gateway.store.token("altegio-mp:reg:abc") is None
+    assert await gateway.store.token("altegio-mp:chain:1") == {"chain": 1}
+    # Kept for their time otherwise (two activation windows by default).
+    monkeypatch.setattr(Altegio, "transient_tokens", {"altegio-mp:reg:": 7200.0})
+    await gateway.store.put_token("altegio-mp:reg:def", {"visit": 2})
+    await gateway.gw._prune()
+    assert await gateway.store.token("altegio-mp:reg:def") == {"visit": 2}

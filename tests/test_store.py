@@ -92,6 +92,18 @@ async def test_an_ended_legs_pending_pop_up_update_is_dropped_with_its_pop_up(
 
 
 @pytest_twisted.ensureDeferred
+async def test_prune_tokens_forgets_old_rows_under_a_prefix_only(store: Any) -> None:
+    for key in ("mp:reg:old", "mp:reg:new", "mp:chain:old", "mp:reg_x", "mp:reg%"):
+        await store.put_token(key, {"k": key})
+    # Written at the store's clock (now): "before" far ahead takes them all, far behind none.
+    assert await store.prune_tokens("mp:reg:", 0.0) == 0
+    assert await store.prune_tokens("mp:reg:", 1e12) == 2
+    assert await store.token("mp:reg:old") is None and await store.token("mp:reg:new") is None
+    for kept in ("mp:chain:old", "mp:reg_x", "mp:reg%"):
+        assert await store.token(kept) == {"k": kept}
+
+
+@pytest_twisted.ensureDeferred
 async def test_prune_keeps_recent_and_pending_rows(store: Any) -> None:
     await store.append([event(1, received=10.0), event(2, received=1000.0)])
     old = Action(tenant=807, call="c1", kind=RECORD, key="a", payload={}, created=10.0,

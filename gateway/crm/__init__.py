@@ -97,6 +97,8 @@ class ICrm(Interface):
     # gateway_options: twistd ``optParameters`` rows the gateway's options add.
     # configure(options): those options' values (a mapping by option name), at start;
     #     ``ValueError`` saying which is wrong.
+    # transient_tokens: {key prefix: seconds} of state it keeps in the store's token table
+    #     for a while only; older rows are pruned with the gateway's hourly pruning.
 
 
 def gateway_options() -> list:

@@ -158,6 +158,9 @@ class Altegio:
     # The Marketplace (altegio.md §4): the owner's registration page and the lifecycle
     # webhook, served under /altegio/ (gateway.crm.ICrm.site_prefix).
     site_prefix = "altegio"
+    # A registration (one visit of the redirect page) is useless after its activation
+    # window; anyone can start one, so they go after twice the default window.
+    transient_tokens = {"altegio-mp:reg:": 2 * 3600.0}
     gateway_options = [
         ["altegio-partner-token-file", None, "",
          "File holding the partner token of the gateway's Altegio Marketplace application "

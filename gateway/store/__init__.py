@@ -170,6 +170,10 @@ class IStore(Interface):
         """Forget the token under ``key`` (say after the API refused it); fires with
         whether there was one."""
 
+    def prune_tokens(prefix: str, before: float) -> Any:
+        """Forget every token whose key starts with ``prefix`` written before ``before``
+        (state a module keeps for a while only); fires with how many."""
+
 
 def open_store(url: str, reactor: Any, sealer: Any = None) -> Any:
     """The store a ``--database`` URL names; ``sealer`` (gateway.seal.Sealer) seals its

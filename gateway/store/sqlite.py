@@ -691,6 +691,13 @@ class SQLiteStore:
             return db.execute("DELETE FROM tokens WHERE key = ?", (key,)).rowcount > 0
         return self._run(self._tx, write, False)
 
+    def prune_tokens(self, prefix: str, before: float) -> Deferred:
+        def write(db: sqlite3.Connection) -> int:
+            # A key range, not LIKE: a prefix may hold _ or %.
+            return db.execute("DELETE FROM tokens WHERE key >= ? AND key < ? AND updated < ?",
+                              (prefix, prefix + "\U0010ffff", before)).rowcount
+        return self._run(self._tx, write, False)
+
     def _credential(self, row: tuple) -> dict:
         id_, kind, name, data, created, updated = row
         return {"id": id_, "kind": kind, "name": name, "fields": self._opened(data),
