@@ -1,4 +1,5 @@
-# The same service for `twistd -ny etc/gateway.tac`; edit the options to taste.
+# The same service for `.venv/bin/twistd --pidfile=var/gateway.pid -ny etc/gateway.tac`;
+# edit the options to taste.
 from twisted.application.service import Application
 
 from gateway.tap import Options, makeService
