@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test fuzz bench mutate clean
+.PHONY: run demo test fuzz bench mutate clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	mkdir -p var
 	$(VENV)/bin/twistd --nodaemon --pidfile= gateway $(ARGS)
+
+# The gateway with the fake Telphin and Altegio, a demo tenant and three calls, shown in the
+# terminal; it keeps running until Ctrl-C.  Its files live in var/demo/.  ARGS=--help for options.
+demo: $(STAMP)
+	$(VENV)/bin/python -m bench.demo $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
