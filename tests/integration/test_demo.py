@@ -94,3 +94,20 @@ def test_keeps_running_until_ctrl_c_then_stops_everything(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_once_exits_1_when_altegio_gets_nothing(tmp_path: Path) -> None:
+    """The fake Altegio refuses every write after set-up (422): the demo shows the failed
+    attempts, names each call's shortfall and exits 1."""
+    done = subprocess.run(demo_argv(tmp_path / "demo", "--once", "--wait", "1",
+                                    "--altegio-fails", "422"),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = done.stdout
+    assert done.returncode == 1, out + done.stderr
+    assert "the fake Altegio now answers 422 to every request" in out
+    assert "All calls delivered" not in out and "DEMO FAILED:" in out
+    assert "- call 1 (direct answered): 0 pop-ups and 0 records, expected 1 and 1" in out
+    assert "- call 3 (queue with parallel ring): 0 pop-ups and 0 records, expected 3 and 1" \
+        in out
+    assert "attempts: failed 422" in out
+    assert "Stopped the gateway and the fakes." in out
