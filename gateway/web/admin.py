@@ -18,7 +18,7 @@ from gateway import crm, protocols
 from gateway.errors import BadRequest
 from gateway.model import ACTION_STATES, MAX_ID, Tenant, field_text, parse_tenant
 from gateway.store import Conflict
-from gateway.web import json_response
+from gateway.web import json_response, ui
 
 log = Logger()
 
@@ -96,7 +96,8 @@ class AdminSite:
         self.gateway = gateway
 
     def resource(self) -> Any:
-        return self.app.resource()
+        """The JSON API (Klein), with the operator's web UI under ``/ui/``."""
+        return ui.mount(self, self.app.resource())
 
     @app.handle_errors(BadRequest)
     def bad_request(self, request: IRequest, failure: Any) -> bytes:
@@ -283,13 +284,19 @@ class AdminSite:
     @app.route("/api/v1/actions/<action_id>/retry", methods=["POST"])
     @_authorised
     async def retry(self, request: IRequest, action_id: str) -> bytes:
+        action = await self.redrive(action_id)
+        return json_response(request, action.summary())
+
+    async def redrive(self, action_id: str) -> Any:
+        """Put a dead or failed action back in the outbox (the API's retry, the UI's
+        re-drive); ``BadRequest`` 404 / 409 otherwise."""
         before = await self._action(action_id)
         if before["state"] not in ("dead", "failed"):
             raise BadRequest("state", f"action {action_id} is {before['state']}; only dead "
                              "or failed actions can be retried", status=409)
         action = await self.gateway.store.retry(before["id"], self.gateway.reactor.seconds())
         self.gateway.dispatcher.add([action])
-        return json_response(request, action.summary())
+        return action
 
     # Named credentials: one PBX application or CRM login, several tenants
 

@@ -281,40 +281,43 @@ class PublicSite:
     async def healthz(self, request: IRequest) -> bytes:
         """Whether webhooks are stored (503 when not) and whether anything needs an
         operator (``ok`` false, with ``problems``), answered within ``HEALTH_TIMEOUT``."""
-        gw = self.gateway
-        if not gw.ready:
-            return json_response(request, {"ok": False, "problems": ["starting"]}, 503)
-        try:
-            stats = await gw.store.health(HEALTH_QUIET).addTimeout(HEALTH_TIMEOUT,
-                                                                   gw.reactor)
-        except Exception as e:
-            error = (f"no answer within {HEALTH_TIMEOUT:g} s" if isinstance(
-                e, (defer.TimeoutError, defer.CancelledError)) else repr(e))
-            return json_response(request, {"ok": False, "problems": [f"store: {error}"]},
-                                 503)
-        problems = []
-        if stats["commit_error"]:
-            problems.append(f"store cannot commit: {stats['commit_error']}")
-        engine = gw.engine
-        if engine.failing_since is not None:
-            problems.append(f"fold failing for {gw.reactor.seconds() - engine.failing_since:.0f}"
-                            f" s: {engine.last_error}")
-        if stats["quarantined"]:
-            problems.append(f"{stats['quarantined']} calls quarantined")
-        paused = gw.dispatcher.paused()
-        body = {
-            "ok": not problems,
-            "fold_lag_events": stats["log_head"] - engine.cursor,
-            "open_calls": len(engine.calls),
-            "quarantined_calls": stats["quarantined"],
-            "outbox_depth": gw.dispatcher.depth,
-            "oldest_pending_seconds": gw.dispatcher.oldest_age(),
-            "in_flight": gw.dispatcher.in_flight,
-            "actions": {"pending": gw.dispatcher.depth, **stats["actions"]},
-            "paused_hosts": {host: round(left, 1) for host, left in paused.items()},
-        }
-        if problems:
-            body["problems"] = problems
-        # 503 only when webhooks are not being stored: a load balancer should keep sending
-        # to a gateway that stores them, even while a call waits in the quarantine.
-        return json_response(request, body, 503 if stats["commit_error"] else 200)
+        status, body = await health(self.gateway)
+        return json_response(request, body, status)
+
+
+async def health(gw: Any) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) of ``/healthz``: the figures the operator's UI shows too."""
+    if not gw.ready:
+        return 503, {"ok": False, "problems": ["starting"]}
+    try:
+        stats = await gw.store.health(HEALTH_QUIET).addTimeout(HEALTH_TIMEOUT, gw.reactor)
+    except Exception as e:
+        error = (f"no answer within {HEALTH_TIMEOUT:g} s" if isinstance(
+            e, (defer.TimeoutError, defer.CancelledError)) else repr(e))
+        return 503, {"ok": False, "problems": [f"store: {error}"]}
+    problems = []
+    if stats["commit_error"]:
+        problems.append(f"store cannot commit: {stats['commit_error']}")
+    engine = gw.engine
+    if engine.failing_since is not None:
+        problems.append(f"fold failing for {gw.reactor.seconds() - engine.failing_since:.0f}"
+                        f" s: {engine.last_error}")
+    if stats["quarantined"]:
+        problems.append(f"{stats['quarantined']} calls quarantined")
+    paused = gw.dispatcher.paused()
+    body = {
+        "ok": not problems,
+        "fold_lag_events": stats["log_head"] - engine.cursor,
+        "open_calls": len(engine.calls),
+        "quarantined_calls": stats["quarantined"],
+        "outbox_depth": gw.dispatcher.depth,
+        "oldest_pending_seconds": gw.dispatcher.oldest_age(),
+        "in_flight": gw.dispatcher.in_flight,
+        "actions": {"pending": gw.dispatcher.depth, **stats["actions"]},
+        "paused_hosts": {host: round(left, 1) for host, left in paused.items()},
+    }
+    if problems:
+        body["problems"] = problems
+    # 503 only when webhooks are not being stored: a load balancer should keep sending
+    # to a gateway that stores them, even while a call waits in the quarantine.
+    return (503 if stats["commit_error"] else 200), body
