@@ -12,59 +12,17 @@ otherwise the tests skip, loudly, except with ``CI=true``, where a missing brows
 from __future__ import annotations
 
 import http.server
-import os
-import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlencode
 
-import pytest
+from tests.integration.browser import browser, playwright_api, shot  # noqa: F401
+from tests.integration.harness import HOST, Gateway, Processes, start_fake, wait_for
 
-from tests.integration.harness import (HOST, REPO, Gateway, Processes, free_port,
-                                       start_fake, wait_for)
-
-CHROMIUM = "/usr/bin/chromium"
 PARTNER = "partner-token-for-the-browser"
 APP = 912
 CRM_TOKEN = "7cf262d6-1b2a-4c3d-9e8f-0a1b2c3d4ec2"
-SHOTS = REPO / "var" / "screenshots"
-PHONE = {"width": 390, "height": 844}
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _missing(reason: str) -> None:
-    message = f"BROWSER TESTS NOT RUN: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true: a missing browser is a failure)")
-    print("\n" + "!" * 78 + f"\n{message}\n" + "!" * 78, file=sys.stderr)
-    pytest.skip(message)
-
-
-def _ensure_browser() -> Any:
-    """The Playwright sync API, with chromium present; installs what it can."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "playwright>=1.40"],
-                             capture_output=True, text=True, timeout=600)
-        try:
-            from playwright.sync_api import sync_playwright
-        except ImportError:
-            _missing(f"Playwright is not installed and pip could not: {pip.stderr[-500:]}")
-    if not os.path.exists(CHROMIUM):
-        if os.geteuid() == 0 and shutil.which("apt-get"):
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env,
-                           timeout=600)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"],
-                           capture_output=True, env=env, timeout=900)
-        if not os.path.exists(CHROMIUM):
-            _missing(f"{CHROMIUM} is missing (apt-get install chromium)")
-    return sync_playwright
 
 
 class _Parent(http.server.BaseHTTPRequestHandler):
@@ -93,25 +51,6 @@ def _parent(url: str) -> tuple[http.server.ThreadingHTTPServer, int]:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
-
-
-@pytest.fixture(scope="module")
-def playwright_api() -> Any:
-    return _ensure_browser()
-
-
-@pytest.fixture
-def browser(playwright_api: Any, tmp_path: Path) -> Iterator[Any]:
-    with playwright_api() as p:
-        # A fresh profile (--user-data-dir) per test: Playwright takes it as the
-        # persistent context's directory.
-        b = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=ARGS, viewport=PHONE)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 class Stack:
@@ -143,8 +82,7 @@ class Stack:
 
 
 def _shot(page: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"marketplace-{name}.png"), full_page=True)
+    shot(page, f"marketplace-{name}")
 
 
 def _fill(scope: Any, login: str = "TLP55522", numbers: str = "74951234567") -> None:
