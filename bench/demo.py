@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,21 @@ class Demo:
         for log in list(self.logs.glob("*.out")) + list(self.logs.glob("*.err")):
             log.unlink()
 
+    def check_ports(self) -> None:
+        """Fail at once, saying why, when a port asked for is taken (a ``make run``?)."""
+        for option, port in (("--port", self.port), ("--admin-port", self.admin_port)):
+            if not port:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((HOST, port))
+                except OSError as e:
+                    raise SystemExit(f"port {port} is taken ({e.strerror}); is `make run` "
+                                     f"running? Pass another {option}, or 0 for a free port")
+
     def start(self) -> None:
+        self.check_ports()
         self.fresh_directory()
         self.procs = Processes(self.logs)
         say(f"Starting the fake Altegio, the fake Telphin and the gateway (logs in {self.logs})")
@@ -309,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit after the calls: 0 if all were delivered, 1 otherwise")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C stops the demo even when it was started with SIGINT ignored (in the background).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     demo = Demo(args.dir, args.port, args.admin_port, args.seed, args.max_gap, args.wait,
                 args.altegio_fails)
     try:
