@@ -393,8 +393,8 @@ class UI(Resource):
                 ("Actions pending", figures.get("outbox_depth")),
                 ("Oldest pending (s)", figures.get("oldest_pending_seconds")),
                 ("Being sent", figures.get("in_flight")),
-                ("Failed actions", (figures.get("actions") or {}).get("failed")),
-                ("Dead actions", (figures.get("actions") or {}).get("dead"))]
+                ("Failed actions", (figures.get("actions") or {}).get("failed", 0)),
+                ("Dead actions", (figures.get("actions") or {}).get("dead", 0))]
         out.append("<table class=figures>" + "".join(
             f"<tr><th>{_e(k)}</th><td>{_e('—' if v is None else v)}</td></tr>"
             for k, v in rows) + "</table>")
@@ -645,9 +645,10 @@ class UI(Resource):
         def text(name: str, label: str, help_: str = "", kind: str = "text",
                  extra: str = "") -> str:
             hint = f"<div class=help>{_e(help_)}</div>" if help_ else ""
+            shown = "" if kind == "password" else values.get(name, "")  # never echo one
             return (f"<label for='{_e(name)}'>{_e(label)}</label>"
                     f"<input id='{_e(name)}' name='{_e(name)}' type={kind} "
-                    f"value='{_e(values.get(name, ''))}'{extra}>{hint}{err(name)}")
+                    f"value='{_e(shown)}'{extra}>{hint}{err(name)}")
 
         def area(name: str, label: str, help_: str = "") -> str:
             hint = f"<div class=help>{_e(help_)}</div>" if help_ else ""
