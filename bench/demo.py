@@ -269,7 +269,9 @@ class Demo:
         assert self.gateway and self.altegio
         gw = self.gateway
         say()
-        say("Everything keeps running; explore it from another terminal:")
+        say("Everything keeps running.  The operator UI (sign in with the admin token): "
+            f"http://{HOST}:{gw.admin_port}/ui/")
+        say("Or explore it with curl from another terminal:")
         say(f"  TOKEN=$(cat {gw.token_file})")
         say(f"  curl -s localhost:{gw.admin_port}/api/v1/tenants/{TENANT_ID}/calls "
             "-H \"Authorization: Bearer $TOKEN\"")

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.integration.harness import HOST, REPO, json_request, wait_for
+from tests.integration.harness import HOST, REPO, json_request, request, wait_for
 
 
 def demo_argv(directory: Path, *extra: str) -> list[str]:
@@ -85,6 +85,10 @@ def test_keeps_running_until_ctrl_c_then_stops_everything(tmp_path: Path) -> Non
         assert status == 200 and len(calls) == 3, calls
         status, health = json_request(port, "GET", "/healthz")
         assert status == 200 and health["ok"], health
+        ui = re.search(r"operator UI .*: (http://\S+)", text).group(1)
+        assert ui == f"http://{HOST}:{admin}/ui/", text
+        status, _ = request(admin, "GET", "/ui/")
+        assert status in (200, 302, 303), status  # the sign-in page, or a redirect to it
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0, log.read_text()
         assert "Stopped the gateway and the fakes." in log.read_text()
