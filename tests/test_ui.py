@@ -388,8 +388,35 @@ async def test_a_waiting_action_says_what_it_waits_for(gateway: Harness,
         page = await signed_in.get("/ui/tenants/807")
         return page if b"waits for the integration&#x27;s pending setup (action #" in page.body else None
 
-    await eventually(waiting)
+    page = await eventually(waiting)
+    # The setup itself, with its next try.
+    assert re.search(rb"<table id=queued>.*?<td>setup</td>.*?next try in \d+ s after \d+ "
+                     rb"attempts", page.body, re.S), page.body
     gateway.crm.status = 202
+
+
+def test_the_session_cookie_is_secure_over_tls() -> None:
+    from twisted.internet.task import Clock
+    from twisted.web.server import Request
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from gateway.web.ui import UI
+
+    class Api:
+        gateway = type("Gw", (), {"reactor": Clock(), "admin_token": TOKEN})()
+
+    ui = UI(Api())
+    for secure in (True, False):
+        request = Request(DummyChannel())
+        request.isSecure = lambda: secure  # type: ignore[method-assign]
+        ui._start_session(request)
+        [cookie] = request.cookies
+        assert (b"; Secure" in cookie) is secure
+        assert b"; HttpOnly" in cookie and b"SameSite=strict" in cookie
+    ui.gw.reactor.advance(3601)
+    request = Request(DummyChannel())
+    request.received_cookies = {b"gateway_ui": next(iter(ui.sessions)).encode()}
+    assert ui._session(request) is None and len(ui.sessions) == 1
 
 
 @pytest_twisted.ensureDeferred

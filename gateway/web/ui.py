@@ -485,6 +485,17 @@ class UI(Resource):
                                "Copy</button></div>")
                 out.append("</li>")
             out.append("</ul>")
+        queued = [a for a in await gw.store.actions(PENDING, tenant.id, 100) if not a["call"]]
+        if queued:
+            out.append("<h2>Pending integration actions</h2><table id=queued><tr>"
+                       "<th>action</th><th>kind</th><th>attempts</th><th>why it waits</th>"
+                       "</tr>")
+            for action in sorted(queued, key=lambda a: a["id"]):
+                out.append(f"<tr id='action-{action['id']}' data-state=pending>"
+                           f"<td>#{action['id']}</td><td>{_e(action['kind'])}</td>"
+                           f"<td>{action['attempts']}</td>"
+                           f"<td class=why>{_e(self.waiting(action))}</td></tr>")
+            out.append("</table>")
         stuck = []
         for state in ("failed", "dead"):
             stuck.extend(await gw.store.actions(state, tenant.id, 100))
