@@ -545,7 +545,7 @@ class UI(Resource):
                    "<th></th></tr>")
         for action in call["actions"]:
             why = (self.waiting(action) if action["state"] == PENDING
-                   else action["last_error"])
+                   else "" if action["state"] == "done" else action["last_error"])
             out.append(f"<tr id='action-{action['id']}' data-state='{_e(action['state'])}'>"
                        f"<td>#{action['id']}</td><td>{_e(action['kind'])}</td>"
                        f"<td>{_e(action['leg'])}</td><td>{_e(action['state'])}</td>"
