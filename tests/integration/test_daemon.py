@@ -145,7 +145,7 @@ def test_kill_during_burst_loses_nothing_and_sends_nothing_twice(procs: Processe
     d = Deployment(procs)
     d.altegio.refuse()
     calls = [TelphinCall(ext=str(101 + i % 20), ext_id=str(200501 + i % 20))
-             for i in range(200)]
+             for i in range(120)]
     done, killed_after = kill_during_burst(d.send, [(call,) for call in calls],
                                            d.gateway.proc.kill)
     assert 10 <= len(done) < len(calls), (len(done), killed_after)
