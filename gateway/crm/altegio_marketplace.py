@@ -39,6 +39,7 @@ from twisted.web.server import NOT_DONE_YET
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import raise_for
 from gateway.model import DONE, PENDING, SETUP, Action, Tenant, parse_tenant
+from gateway.web import same_origin
 
 log = Logger()
 
@@ -584,7 +585,7 @@ class _Site(Resource):
         if request.method != b"POST":
             request.setHeader(b"Allow", b"GET, POST")
             return self._finish(request, 405, b"text/plain", b"use GET or POST\n")
-        if not self._same_origin(request):
+        if not same_origin(request):
             return self._page(request, 403, "Refused", "<p class=error>This form must be "
                               "sent from the gateway's own page.</p>")
         try:
@@ -619,15 +620,6 @@ class _Site(Resource):
         if field.startswith("options.") or field == "numbers":
             return "numbers"
         return field
-
-    @staticmethod
-    def _same_origin(request: Any) -> bool:
-        """A browser's Origin (when it sends one) must be this site's."""
-        origin = request.getHeader(b"origin")
-        if origin is None:
-            return True
-        host = request.getHeader(b"host") or b""
-        return origin.split(b"://", 1)[-1] == host
 
     async def _form(self, request: Any, reg: dict, form: dict[str, str],
                     errors: dict[str, str]) -> None:

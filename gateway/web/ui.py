@@ -37,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from gateway import crm, protocols
 from gateway.errors import BadRequest
 from gateway.model import DEFAULT_OPTIONS, PENDING, ROUTINGS, Tenant, parse_tenant
+from gateway.web import same_origin
 from gateway.web.public import health
 
 log = Logger()
@@ -238,15 +239,6 @@ class UI(Resource):
             form.setdefault(name, value)
         return form
 
-    @staticmethod
-    def _same_origin(request: Any) -> bool:
-        """A browser's Origin (when it sends one) must be this site's."""
-        origin = request.getHeader(b"origin")
-        if origin is None:
-            return True
-        host = request.getHeader(b"host") or b""
-        return origin.split(b"://", 1)[-1] == host
-
     # Sessions
 
     def _session(self, request: Any) -> Session | None:
@@ -292,7 +284,7 @@ class UI(Resource):
         form: dict[str, str] = {}
         if method == b"POST":
             refused = None
-            if not self._same_origin(request):
+            if not same_origin(request):
                 refused = "This form must be sent from the gateway's own page."
             elif session is None:
                 refused = "Your session has ended: sign in again."
@@ -364,7 +356,7 @@ class UI(Resource):
             "<button type=submit id=signin>Sign in</button></form>"), None)
 
     async def _login(self, request: Any) -> None:
-        if not self._same_origin(request):
+        if not same_origin(request):
             return self._login_page(request, 403, "This form must be sent from the "
                                     "gateway's own page.")
         form = self._form(request)
