@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m bench.demo $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m tests.run $(ARGS)
 
 # The fuzz suite with many fresh random examples (make test runs a small fixed set).
 FUZZ_EXAMPLES ?= 3000
