@@ -136,6 +136,12 @@ REFUSED = {
     "a link that is not a URL": ({**script("group")[5], "link": "javascript:x"}, "link"),
     "a rating without its score": ({**script("rating")[0], "rating": ""}, "rating"),
     "a control character": ({**script("group")[0], "user": "iv\x00"}, "user"),
+    # history's required fields (megafon.md §2.3), each left out
+    **{f"a history without {name}": (
+        {k: v for k, v in script("group")[5].items() if k != name}, name)
+       for name in ("phone", "type", "status", "start", "duration")},
+    "an event without phone": ({k: v for k, v in script("group")[0].items() if k != "phone"},
+                               "phone"),
 }
 
 
@@ -145,6 +151,19 @@ def test_refused(fields: dict[str, str], field: str) -> None:
     with pytest.raises(BadRequest) as caught:
         parse_command(fields, 807, T0)
     assert (caught.value.field, caught.value.status) == (field, 400)
+
+
+def test_the_setup_guide_is_the_one_crm_url() -> None:
+    pbx = MegaFon(HttpClient(reactor), Clock())
+    [guide] = pbx.setup_guide(TENANT, "https://gw.example.net")
+    assert guide["url"] == f"https://gw.example.net/vats/807/crm/{TENANT.pbx.login}"
+    assert guide["method"] == "POST" and "pbx.crm_token" in guide["what"]
+
+
+def test_refusals_are_json_with_the_error_text() -> None:
+    ctype, body = MegaFon.refusal(BadRequest("", "Invalid token", status=401))
+    assert ctype.startswith(b"application/json")
+    assert json.loads(body) == {"error": "Invalid token"}
 
 
 def test_it_is_a_pbx() -> None:
