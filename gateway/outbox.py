@@ -298,10 +298,11 @@ class Dispatcher:
                     heapq.heappop(heap)
                     continue
                 chain = self._chains.get((action.tenant, action.call))
-                if chain and chain[0] != action.id:
+                if chain and chain[0] != action.id or action.id in self._flying:
                     # An older action of its call arrived after it was readied (the fold's
                     # first actions and the restart's pending ones race at start): it goes
-                    # when that one is settled (_finish readies it again).
+                    # when that one is settled (_finish readies it again).  Readied twice
+                    # that way, its second heap entry must not send it again.
                     heapq.heappop(heap)
                     continue
                 if action.kind == POPUP and now - action.created > self.policy.popup_ttl:

@@ -299,3 +299,19 @@ def test_at_a_restart_a_calls_stored_actions_go_before_its_newer_ones() -> None:
         sent.append(crm.calls[0][0].id)
         crm.answer(0)
     assert sent == [pop.id, update.id]
+
+
+def test_an_action_readied_twice_by_an_older_one_arriving_is_sent_once() -> None:
+    d, crm, clock, store = make()
+    pop = action(kind=POPUP, call="c1", leg="S1")
+    update = action(kind=POPUP_UPDATE, call="c1", leg="S1")
+    update.next_at = 5.0  # waiting for its retry when the older pop-up turns up
+    d.add([update])
+    d.add([pop])
+    assert crm.sent == [pop.id]
+    crm.answer(0)  # the pop-up settles: its call's next action is readied (again)
+    clock.advance(6)
+    assert crm.sent == [update.id]
+    crm.answer(0)
+    clock.advance(60)
+    assert crm.sent == []
