@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
-from gateway.web import public
+from gateway import web
 from tests.test_public import DIAL_IN, KEY, LOGIN, Harness, gateway  # noqa: F401 (a fixture)
 
 BASE = f"/events/807/dial-in/{LOGIN}"
@@ -202,20 +202,20 @@ async def test_the_first_key_in_the_query_counts(gateway: Harness) -> None:
 def test_an_answer_for_a_client_that_left_is_not_written() -> None:
     request = DummyRequest([b"events"])
     request._disconnected = True
-    public._answer(request, 200, b"text/plain", b"OK")
+    web.answer(request, 200, b"text/plain", b"OK")
     assert (request.written, request.finished) == ([], 0)
 
 
 def test_an_answer_for_a_finished_request_is_not_written_again() -> None:
     request = DummyRequest([b"events"])
     request.finished = 1
-    public._answer(request, 200, b"text/plain", b"OK")
+    web.answer(request, 200, b"text/plain", b"OK")
     assert request.written == []
 
 
 def test_an_answer_is_written_with_its_status_and_type() -> None:
     request = DummyRequest([b"events"])
-    public._answer(request, 503, b"text/plain", b"store unavailable\n")
+    web.answer(request, 503, b"text/plain", b"store unavailable\n")
     assert (request.responseCode, request.written, request.finished) == (
         503, [b"store unavailable\n"], 1)
     assert request.responseHeaders.getRawHeaders(b"content-type") == [b"text/plain"]

@@ -39,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.httpclient import raise_for
 from gateway.model import DONE, PENDING, SETUP, Action, Tenant, parse_tenant
-from gateway.web import same_origin
+from gateway.web import answer, same_origin
 
 log = Logger()
 
@@ -514,12 +514,7 @@ class _Site(Resource):
 
     @staticmethod
     def _finish(request: Any, status: int, ctype: bytes, body: bytes) -> None:
-        if request.finished or getattr(request, "_disconnected", False):
-            return
-        request.setResponseCode(status)
-        request.setHeader(b"Content-Type", ctype)
-        request.write(body)
-        request.finish()
+        answer(request, status, ctype, body)
 
     async def _webhook(self, request: Any) -> None:
         if request.method != b"POST":

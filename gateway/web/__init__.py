@@ -67,6 +67,17 @@ def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
 # Secrets in logs
 
 
+def answer(request: Any, status: int, content_type: bytes, body: bytes) -> None:
+    """Finish a request answered later (after a store write, a lookup, a CRM request),
+    unless the client has gone meanwhile."""
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", content_type)
+    request.write(body)
+    request.finish()
+
+
 def same_origin(request: Any) -> bool:
     """A browser's ``Origin`` (when it sends one) names this site: the CSRF check the
     gateway's own pages add to their form tokens."""

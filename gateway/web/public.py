@@ -15,7 +15,7 @@ from twisted.web.server import NOT_DONE_YET
 from gateway import logs
 from gateway.errors import BadRequest, Permanent, Retryable
 from gateway.model import Inbound, Tenant
-from gateway.web import json_response, loggable_uri
+from gateway.web import answer, json_response, loggable_uri
 
 log = Logger()
 
@@ -41,16 +41,6 @@ def _json_answer(request: IRequest, status: int, body: Any) -> None:
     if request.finished or getattr(request, "_disconnected", False):
         return
     request.write(json_response(request, body, status))
-    request.finish()
-
-
-def _answer(request: IRequest, status: int, content_type: bytes, body: bytes) -> None:
-    """Finish a request answered later, unless the client has gone meanwhile."""
-    if request.finished or getattr(request, "_disconnected", False):
-        return
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", content_type)
-    request.write(body)
     request.finish()
 
 
@@ -181,14 +171,14 @@ class PublicSite:
         metrics.append_seconds.observe(self.gateway.reactor.seconds() - appended)
         metrics.webhook(request.postpath[0], 200)
         self.gateway.engine.poke(zip(seqs, events))
-        _answer(request, 200, b"text/plain", b"OK")
+        answer(request, 200, b"text/plain", b"OK")
 
     def _not_stored(self, failure: Any, request: IRequest, tenant: Tenant, login: str,
                     call: str) -> None:
         # Not stored, so not "200": the PBX may try again.
         log.failure("{about}: append failed", failure, **logs.about(tenant.id, login, call))
         self.gateway.metrics.webhook(request.postpath[0], 503)
-        _answer(request, 503, b"text/plain", b"store unavailable, not stored\n")
+        answer(request, 503, b"text/plain", b"store unavailable, not stored\n")
 
     def interactive(self, request: IRequest) -> bytes | int:
         """``/cid/<tenant>/getmanager/<login>``: the IVR asks who the caller's manager is
@@ -218,14 +208,14 @@ class PublicSite:
         metrics = self.gateway.metrics
         asked = self.gateway.reactor.seconds()
 
-        def answer(extension: str | None) -> None:
+        def answered(extension: str | None) -> None:
             ctype, body = pbx.interactive_answer(tenant, extension)
             metrics.interactive_seconds.observe(self.gateway.reactor.seconds() - asked)
             if request.postpath[0] != b"cid":  # a PBX's webhook that asks (is_lookup)
                 metrics.webhook(request.postpath[0], 200)
-            _answer(request, 200, ctype, body)
+            answer(request, 200, ctype, body)
 
-        self.gateway.responsible(tenant, number).addCallback(answer).addErrback(
+        self.gateway.responsible(tenant, number).addCallback(answered).addErrback(
             lambda f: log.failure("tenant {tenant} ({login}): call-interactive failed", f,
                                   tenant=tenant.id, login=login))
         return NOT_DONE_YET

@@ -37,7 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from gateway import crm, protocols
 from gateway.errors import BadRequest
 from gateway.model import DEFAULT_OPTIONS, PENDING, ROUTINGS, Tenant, parse_tenant
-from gateway.web import same_origin
+from gateway.web import answer, same_origin
 from gateway.web.public import health
 
 log = Logger()
@@ -194,12 +194,7 @@ class UI(Resource):
 
     def _finish(self, request: Any, status: int, body: bytes,
                 ctype: bytes = b"text/html; charset=utf-8") -> None:
-        if request.finished or getattr(request, "_disconnected", False):
-            return
-        request.setResponseCode(status)
-        request.setHeader(b"Content-Type", ctype)
-        request.write(body)
-        request.finish()
+        answer(request, status, ctype, body)
 
     def _page(self, request: Any, status: int, title: str, content: str,
               session: Session | None) -> None:
